@@ -81,16 +81,22 @@ def draw_noise(
     global_batch_size: int,
     eps: float = EPS,
     stratified: bool = True,
+    keyed: bool = True,
 ) -> Noise:
-    """Keyed noise for the samples ``sample_index`` (``[B]`` global indices) of ``step``.
+    """Noise for the samples ``sample_index`` (``[B]`` global indices) of ``step``.
 
-    Drawn on the CPU, so it is the same on every device type; move it with ``Noise.to``.
+    ``keyed=True``: each row's draws come from a generator keyed by (seed, step, position in the
+    global batch), so they do not depend on how the batch is split. ``keyed=False`` (the usual
+    practice, for comparison): one generator keyed by (seed, step, first index) draws the rows in
+    order, so the noise depends on the split. Drawn on the CPU, so it is the same on every device
+    type; move it with ``Noise.to``.
     """
     positions = sample_index.long() % global_batch_size
     u_t = torch.empty(len(positions), dtype=torch.float64)
     uniforms = torch.empty(len(positions), seq_len, dtype=torch.float32)
+    shared = None if keyed else keyed_generator(seed, step, "unkeyed", int(sample_index[0]) if len(sample_index) else 0)
     for row, j in enumerate(positions.tolist()):
-        g = keyed_generator(seed, step, j)
+        g = keyed_generator(seed, step, j) if keyed else shared
         u_t[row] = torch.rand((), generator=g, dtype=torch.float64)
         uniforms[row] = torch.rand(seq_len, generator=g)
     if stratified:

@@ -1,0 +1,135 @@
+"""The single-process training engine: forward, loss, backward over micro-batches, clip, step.
+
+An engine owns the model and its optimizer and does one optimizer step from a list of
+micro-batches. The trainer prepares the micro-batches (noise, masks, loss weights) and never
+touches gradients itself; a parallel engine (``train.parallelize``) implements the same methods
+over a DeepSpeed/megatron-core layout, so the loop is the same in every layout.
+
+The loss of a micro-batch is ``Σ_rows row_weight · Σ_{masked i} CE_i / p_mask``: the row weights
+carry the normalization (``1/(G·L)`` for pretraining, ``1/(G·answer_len)`` for SFT, with G the
+global batch), so summing micro-batch losses over accumulation steps and data-parallel ranks
+gives exactly the loss of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from model.objective import masked_token_losses
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [b, L] noisy ids (mask token where masked)
+    targets: torch.Tensor  # [b, L] clean ids
+    masked: torch.Tensor  # [b, L] bool
+    p_mask: torch.Tensor  # [b]
+    row_weight: torch.Tensor  # [b] loss weight of each row's masked-CE sum
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        return MicroBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+@dataclass
+class StepOutput:
+    loss: float  # the global batch's loss (this engine's share, summed over micro-batches)
+    grad_norm: float  # total gradient norm before clipping
+    per_sample: torch.Tensor  # [local batch] Σ CE/p_mask of each row (detached, CPU, fp32)
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear and embedding weights), none on norm weights."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_batch_loss(model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(weighted loss, per-row masked CE sums)`` of one micro-batch."""
+    logits = model(mb.input_ids)
+    per_sample = masked_token_losses(logits, mb.targets, mb.masked, mb.p_mask)
+    return (per_sample * mb.row_weight).sum(), per_sample
+
+
+class LocalEngine:
+    """One process, one device: plain PyTorch AdamW, gradient accumulation, clipping, autocast."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        grad_clip: float,
+        precision: str,
+        device: torch.device,
+    ) -> None:
+        self.model = model.to(device)
+        self.device = device
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.optimizer = build_optimizer(self.model, lr, weight_decay, betas, eps)
+
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepOutput:
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64)
+        per_sample = []
+        for mb in micro_batches:
+            mb = mb.to(self.device)
+            with autocast_context(self.device, self.precision):
+                loss, rows = micro_batch_loss(self.model, mb)
+            loss.backward()
+            total += loss.detach().double().cpu()
+            per_sample.append(rows.detach().float().cpu())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(float(total), float(grad_norm), torch.cat(per_sample))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
+        """Per-row masked CE sums of the micro-batches, concatenated (no gradient)."""
+        self.model.eval()
+        rows = []
+        for mb in micro_batches:
+            mb = mb.to(self.device)
+            with autocast_context(self.device, self.precision):
+                rows.append(micro_batch_loss(self.model, mb)[1].float().cpu())
+        return torch.cat(rows)
+
+    # ----- state ------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights in the model's (LLaDA HF-prefix-free) names, on CPU."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=True)
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

@@ -1,0 +1,66 @@
+"""Training metrics on the logging rank: a console line, ``metrics.jsonl`` and wandb.
+
+wandb runs offline by default (files under ``<out_dir>/wandb``, sync later with ``wandb sync``);
+``logging.wandb=online`` streams to the server when the user has a key; ``disabled`` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def format_line(step: int, values: dict) -> str:
+    keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_bound")
+    parts = [f"step {step}"]
+    for k in keys:
+        if k in values and values[k] is not None:
+            v = values[k]
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``<out_dir>/metrics.jsonl`` (appending, so a
+    resumed run continues the same file), prints a console line, and mirrors to wandb."""
+
+    def __init__(self, out_dir: str, *, enabled: bool, wandb_mode: str, project: str, run_name: str | None, config: dict) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_mode != "disabled":
+            import wandb  # imported lazily: it is slow to import
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=project,
+                name=run_name,
+                mode=wandb_mode,
+                dir=str(Path(out_dir)),
+                config=config,
+                resume="allow",
+            )
+
+    def log(self, step: int, values: dict, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in values.items() if not (isinstance(v, float) and math.isnan(v))}
+        record = {"step": step, **clean}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            tqdm.write(format_line(step, clean))
+        if self.wandb_run is not None:
+            self.wandb_run.log(clean, step=step)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -1,0 +1,314 @@
+"""The training loop: batches -> noise -> micro-batches -> engine step -> metrics -> checkpoints.
+
+One step, as data (see the README's architecture section):
+
+1. the loader gives this data-parallel rank its slice of global step ``s`` (token windows and
+   their global sample indices);
+2. ``model.objective`` draws t and the masks from (seed, s, global index): the same in every
+   layout; 1 % of steps train on a random prefix length;
+3. the engine (single process, or DeepSpeed/megatron-core for a parallel layout) runs forward,
+   loss, backward over the micro-batches, clips and steps; the WSD schedule sets the rate;
+4. metrics are logged on the logging rank; every N steps a checkpoint is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.loader import build_loader
+from model.llada import build_model
+from model.objective import (
+    answer_lengths,
+    draw_noise,
+    forward_process,
+    random_length,
+    t_bucket_sums,
+)
+from train.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    load_training_state,
+    read_model_config,
+    save_checkpoint,
+)
+from train.config import ConfigError, RunConfig, to_yaml
+from train.engine import LocalEngine, MicroBatch
+from train.metrics import MetricsLogger
+from train.schedule import wsd_lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = resolve_device(t.device)
+        self.out_dir = Path(t.out_dir)
+        self.engine = self._build_engine()
+        self.dp_rank = getattr(self.engine, "dp_rank", 0)
+        self.dp_size = getattr(self.engine, "dp_size", 1)
+        self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)
+        if t.global_batch_size % (t.micro_batch_size * self.dp_size):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x data-parallel size ({t.micro_batch_size} x {self.dp_size})"
+            )
+        self.loader = build_loader(
+            cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed,
+        )
+        self._check_vocabulary()
+        self.val_loader = None
+        if cfg.eval.every > 0:
+            self.val_loader = build_loader(
+                cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed, split="validation",
+            )
+        self.step = 0
+        if t.resume:
+            self._resume()
+        elif t.init_from is not None:
+            self._init_from(t.init_from)
+        self.stop_signal: int | None = None
+        self.metrics = MetricsLogger(
+            str(self.out_dir), enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
+            project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
+            config=_plain_config(cfg),
+        )
+
+    # ----- setup ------------------------------------------------------------------------------
+    def _build_engine(self):
+        t = self.cfg.train
+        p = self.cfg.parallel
+        trivial_layout = p.tp == 1 and p.pp == 1 and p.zero_stage == 0
+        if self.world_size > 1 or not trivial_layout:
+            from train.parallel_engine import build_parallel_engine  # imports DeepSpeed/megatron
+
+            return build_parallel_engine(
+                self.cfg.model, p, world_size=self.world_size, seed=t.seed, lr=t.lr,
+                weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.adam_eps,
+                grad_clip=t.grad_clip, precision=t.precision, micro_batch_size=t.micro_batch_size,
+                global_batch_size=t.global_batch_size,
+                activation_checkpointing=t.activation_checkpointing,
+                attention_backend=t.attention_backend,
+            )
+        torch.manual_seed(t.seed)
+        model = build_model(self.cfg.model, seed=t.seed)
+        model.set_activation_checkpointing(t.activation_checkpointing)
+        model.set_attention_backend(t.attention_backend)
+        return LocalEngine(
+            model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.adam_eps,
+            grad_clip=t.grad_clip, precision=t.precision, device=self.device,
+        )
+
+    def _check_vocabulary(self) -> None:
+        m = self.cfg.model
+        if self.loader.vocab_size > m.vocab_size:
+            raise ConfigError(
+                f"the data's tokenizer has {self.loader.vocab_size} tokens but model.vocab_size is {m.vocab_size}"
+            )
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.loader.tokenizer_path)
+        if tok.mask_token_id is not None and tok.mask_token_id != m.mask_token_id:
+            raise ConfigError(
+                f"model.mask_token_id ({m.mask_token_id}) differs from the tokenizer's mask token id "
+                f"({tok.mask_token_id}, {tok.mask_token!r}) in {self.loader.tokenizer_path}"
+            )
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            if self.is_logging_rank:
+                tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
+            return
+        saved = read_model_config(ckpt)
+        if saved != self.cfg.model:
+            diff = [k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v]
+            raise ConfigError(f"checkpoint {ckpt} was written for a different model (differs in: {', '.join(diff)})")
+        _, weights = load_model_weights(ckpt)
+        self.engine.load_model_state_dict(weights)
+        state = load_training_state(ckpt)
+        if hasattr(self.engine, "load"):
+            self.engine.load(ckpt)
+        elif state["optimizer"] is not None:
+            self.engine.load_optimizer_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["trainer"]["loader"])
+        if state["rng"] is not None:
+            torch.set_rng_state(state["rng"]["torch"])
+        self.step = int(state["trainer"]["step"])
+        if self.is_logging_rank:
+            tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
+
+    def _init_from(self, path: str) -> None:
+        cfg, weights = load_model_weights(path)
+        if cfg != self.cfg.model:
+            diff = [k for k, v in cfg.to_dict().items() if getattr(self.cfg.model, k) != v]
+            raise ConfigError(f"train.init_from={path} holds a different model (differs in: {', '.join(diff)})")
+        self.engine.load_model_state_dict(weights)
+
+    # ----- one step ---------------------------------------------------------------------------
+    def micro_batches(self, batch: dict, step: int, *, seed: int, length: int) -> tuple[list[MicroBatch], torch.Tensor]:
+        """Noise, masks and loss weights for this rank's share of a step, split into micro-batches."""
+        t = self.cfg.train
+        g = t.global_batch_size
+        ids = batch["input_ids"][:, :length]
+        noise = draw_noise(
+            seed, step, batch["sample_index"], t.seq_len, g, eps=t.mask_eps,
+            stratified=t.stratified_t, keyed=t.keyed_noise,
+        ).truncate(length)
+        prompt_lengths = batch.get("prompt_lengths") if t.objective == "sft" else None
+        noisy, masked = forward_process(ids, noise, self.cfg.model.mask_token_id, prompt_lengths)
+        if prompt_lengths is None:
+            row_weight = torch.full((ids.shape[0],), 1.0 / (g * length))
+        else:
+            row_weight = 1.0 / (g * answer_lengths(prompt_lengths, length).double())
+        mbs = []
+        for lo in range(0, ids.shape[0], t.micro_batch_size):
+            sl = slice(lo, lo + t.micro_batch_size)
+            mbs.append(MicroBatch(noisy[sl], ids[sl], masked[sl], noise.p_mask[sl], row_weight[sl].float()))
+        return mbs, noise.t
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        step = self.step
+        start = time.perf_counter()
+        batch = self.loader.batch(step)
+        if t.objective == "sft" and "prompt_lengths" not in batch:
+            raise ConfigError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
+        length = t.seq_len if t.objective == "sft" else random_length(t.seed, step, t.seq_len, t.random_length_prob)
+        mbs, times = self.micro_batches(batch, step, seed=t.seed, length=length)
+        lr = wsd_lr(
+            step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
+            drop_lr=t.drop_lr, decay_steps=t.decay_steps, final_lr=t.final_lr,
+        )
+        out = self.engine.train_step(mbs, lr)
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        values = {
+            "loss": out.loss,
+            "lr": lr,
+            "grad_norm": out.grad_norm,
+            "seq_len": length,
+            "tokens_per_s": t.global_batch_size * length / elapsed,
+            "step_time_s": elapsed,
+            "mem_gb": peak_memory_gb(self.device),
+        }
+        values.update(self._bucket_losses(times, out.per_sample, length))
+        return values
+
+    def _bucket_losses(self, times: torch.Tensor, per_sample: torch.Tensor, length: int) -> dict:
+        """Mean per-token loss by t-bucket over the whole global batch."""
+        n = self.cfg.logging.t_buckets
+        if per_sample.numel() == times.numel():
+            sums, counts = t_bucket_sums(times, per_sample / length, n)
+        else:  # this rank holds no loss rows (e.g. a pipeline stage before the last)
+            sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            both = torch.cat([sums, counts])
+            dist.all_reduce(both)
+            sums, counts = both[:n], both[n:]
+        return {
+            f"loss_t{i}": (float(sums[i] / counts[i]) if counts[i] > 0 else float("nan"))
+            for i in range(n)
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The bound (per-token loss) on held-out batches with fixed noise: same masks every time."""
+        t, e = self.cfg.train, self.cfg.eval
+        total = torch.zeros(2, dtype=torch.float64)
+        for k in range(e.batches):
+            batch = self.val_loader.batch(k)
+            mbs, _ = self.micro_batches(batch, k, seed=e.seed, length=t.seq_len)
+            rows = self.engine.eval_loss(mbs)
+            total += torch.tensor([float(rows.sum()) / t.seq_len, float(rows.numel())], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    # ----- checkpoints and signals ------------------------------------------------------------
+    def save(self) -> Path | None:
+        model_state = self.engine.model_state_dict()  # collective in parallel engines
+        optimizer_state = None if hasattr(self.engine, "save") else self.engine.optimizer_state_dict()
+        path = None
+        if self.is_logging_rank:
+            path = save_checkpoint(
+                self.out_dir, self.step, model_state=model_state, optimizer_state=optimizer_state,
+                trainer_state={"loader": self.loader.state_dict()}, config_yaml=to_yaml(self.cfg),
+                tokenizer_dir=self.loader.tokenizer_path, keep_last=self.cfg.train.keep_last,
+            )
+        return path
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1 if self.stop_signal is not None else 0])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        t, log = self.cfg.train, self.cfg.logging
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        history = []
+        bar = None
+        if self.is_logging_rank and log.progress_bar:
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < t.max_steps:
+                values = self.train_step()
+                if self.val_loader is not None and self.step % self.cfg.eval.every == 0:
+                    values["eval_bound"] = self.evaluate()
+                history.append({"step": self.step, **values})
+                if self.step % log.log_every == 0 or self.step == t.max_steps:
+                    self.metrics.log(self.step, values, console=True)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                if self._stop_requested():
+                    path = self.save()
+                    if self.is_logging_rank:
+                        tqdm.write(f"signal {self.stop_signal}: saved {path} at step {self.step}; exiting")
+                    return history
+                if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                    self.save()
+            path = self.save()
+            if self.is_logging_rank:
+                tqdm.write(f"done: step {self.step}, checkpoint {path}")
+            return history
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+
+
+def _plain_config(cfg: RunConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
