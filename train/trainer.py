@@ -41,6 +41,7 @@ from train.checkpoint import (
 )
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import LocalEngine, MicroBatch
+from train.hardware import current_device_name, mfu
 from train.metrics import MetricsLogger
 from train.schedule import wsd_lr
 
@@ -63,6 +64,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         t = cfg.train
+        # Install the preemption handlers first: a SIGTERM/SIGUSR1 that arrives during setup
+        # (the launchers ignore USR1 until here) is then honoured after the first step.
+        self.stop_signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
         self.out_dir = Path(t.out_dir)
@@ -91,7 +97,6 @@ class Trainer:
             self._resume()
         elif t.init_from is not None:
             self._init_from(t.init_from)
-        self.stop_signal: int | None = None
         self.metrics = MetricsLogger(
             str(self.out_dir), enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
             project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
@@ -216,6 +221,11 @@ class Trainer:
             "step_time_s": elapsed,
             "mem_gb": peak_memory_gb(self.device),
         }
+        if self.device.type == "cuda":  # MFU only on GPUs, from the bidirectional FLOP count
+            values["mfu"] = mfu(
+                values["tokens_per_s"], self.cfg.model.flops_per_token(length), self.world_size,
+                current_device_name(),
+            )
         values.update(self._bucket_losses(times, out.per_sample, length))
         return values
 
@@ -274,8 +284,6 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         t, log = self.cfg.train, self.cfg.logging
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         history = []
         bar = None
         if self.is_logging_rank and log.progress_bar:

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# launch/torchrun.sh CONFIG [key=value ...]: run `python -m train CONFIG overrides` under torchrun.
+#
+# One node (default): NPROC_PER_NODE processes (default: the GPU count, 1 without GPUs).
+# Many nodes: run this once per node with the same NNODES, MASTER_ADDR, MASTER_PORT and each
+# node's NODE_RANK (0 .. NNODES-1), or give RDZV_ENDPOINT=host:port (c10d rendezvous; node ranks
+# are then assigned by the rendezvous, RDZV_ID names the job).
+#
+# Environment (all optional):
+#   NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)  NPROC_PER_NODE
+#   RDZV_ENDPOINT  RDZV_ID (difftron, or $SLURM_JOB_ID)  PYTHON (.venv/bin/python, else python3)
+#   LAUNCH_MODULE (train: the module every rank runs)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120: seconds torchrun waits after forwarding SIGTERM)
+#
+# Signals: SIGUSR1 (the preemption warning, e.g. Slurm's --signal) is forwarded to the training
+# processes, which finish the step, save a checkpoint and exit 0; torchrun itself ignores it.
+# SIGTERM/SIGINT go to torchrun, which forwards them to the ranks.
+set -uo pipefail
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then usage; [ $# -ge 1 ]; exit $?; fi
+CONFIG=$1; shift
+if [ ! -f "$CONFIG" ]; then echo "error: config file not found: $CONFIG" >&2; exit 2; fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
+  elif command -v nvidia-smi >/dev/null 2>&1 && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [ "$n" -gt 0 ]; then NPROC_PER_NODE=$n
+  else NPROC_PER_NODE=1; fi
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+for v in NNODES NODE_RANK NPROC_PER_NODE; do
+  case ${!v} in ''|*[!0-9]*) echo "error: $v must be a non-negative integer, got '${!v}'" >&2; exit 2;; esac
+done
+if [ "$NODE_RANK" -ge "$NNODES" ]; then echo "error: NODE_RANK ($NODE_RANK) must be < NNODES ($NNODES)" >&2; exit 2; fi
+
+ARGS=(--nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE")
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  ARGS+=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-difftron}}")
+elif [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ] && [ -z "${MASTER_PORT:-}" ]; then
+  ARGS+=(--standalone)  # one node: a free local port, nothing to configure
+else
+  ARGS+=(--node-rank="$NODE_RANK" --master-addr="${MASTER_ADDR:-127.0.0.1}" --master-port="${MASTER_PORT:-29500}")
+fi
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+echo "torchrun.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE proc(s), $(hostname -s): ${LAUNCH_MODULE:-train} $CONFIG $*" >&2
+
+# torchrun runs in the background with SIGUSR1 ignored (an unhandled SIGUSR1 would kill it and,
+# under srun, the whole step); the ranks inherit "ignored" until the trainer installs its handler.
+( trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${ARGS[@]}" -m "${LAUNCH_MODULE:-train}" "$CONFIG" "$@" ) &
+AGENT=$!
+
+forward() {  # send a signal to the training processes (torchrun's children)
+  local sig=$1 kids
+  kids=$(pgrep -P "$AGENT" 2>/dev/null || ps -o pid= --ppid "$AGENT" 2>/dev/null || true)
+  echo "torchrun.sh: SIG$sig -> ranks ${kids//$'\n'/ }" >&2
+  [ -n "$kids" ] && kill -s "$sig" $kids 2>/dev/null
+  return 0
+}
+trap 'forward USR1' USR1
+trap 'kill -TERM "$AGENT" 2>/dev/null' TERM
+trap 'kill -INT "$AGENT" 2>/dev/null' INT
+
+rc=0
+wait "$AGENT"; rc=$?
+while kill -0 "$AGENT" 2>/dev/null; do wait "$AGENT"; rc=$?; done  # a trap interrupted the wait
+exit "$rc"

@@ -1,0 +1,44 @@
+"""configs/llada_8b_pretrain.yaml: the LLaDA recipe parses (placeholder data paths need not
+exist) and holds LLaDA's numbers; the planner reads it."""
+
+import pytest
+
+from tests.conftest import run_module
+from tests.launch.conftest import REPO
+
+RECIPE = REPO / "configs" / "llada_8b_pretrain.yaml"
+
+
+def test_recipe_values():
+    from train.config import load_config
+
+    cfg = load_config(RECIPE, check_paths=False)
+    t = cfg.train
+    assert cfg.model.num_params() == 8_015_581_184
+    assert (t.seq_len, t.global_batch_size) == (4096, 1280)
+    assert (t.lr, t.warmup_steps, t.drop_lr, t.final_lr, t.weight_decay) == (4e-4, 2000, 1e-4, 1e-5, 0.1)
+    tokens_per_step = 1280 * 4096
+    assert t.max_steps * tokens_per_step == pytest.approx(2.3e12, rel=1e-5)
+    assert t.drop_step * tokens_per_step == pytest.approx(1.2e12, rel=1e-5)
+    assert t.decay_steps * tokens_per_step == pytest.approx(0.3e12, rel=1e-4)
+    assert (t.precision, t.attention_backend, t.random_length_prob) == ("bf16", "auto", 0.01)
+    assert t.resume is True
+
+
+def test_recipe_schedule_shape():
+    from train.config import load_config
+    from train.schedule import wsd_lr
+
+    t = load_config(RECIPE, check_paths=False).train
+    kw = dict(lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
+              drop_lr=t.drop_lr, decay_steps=t.decay_steps, final_lr=t.final_lr)
+    assert wsd_lr(1999, **kw) == pytest.approx(4e-4)
+    assert wsd_lr(100_000, **kw) == pytest.approx(4e-4)
+    assert wsd_lr(t.drop_step, **kw) == pytest.approx(1e-4)
+    assert wsd_lr(t.max_steps - 1, **kw) == pytest.approx(1e-5)
+
+
+def test_planner_reads_recipe():
+    out = run_module(["-m", "tools.plan", str(RECIPE), "--gpus", "64"]).stdout
+    assert "8,015,581,184" in out and "global batch 1280 sequences of 4096 tokens" in out
+    assert "parallel.tp=1 parallel.pp=1 parallel.zero_stage=1" in out

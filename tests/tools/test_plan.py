@@ -1,0 +1,159 @@
+"""tools.plan: the memory and layout arithmetic against hand-computed numbers (performance.md 5)."""
+
+from pathlib import Path
+
+import pytest
+
+from model.config import ModelConfig
+from tests.conftest import run_module
+from tools.plan import (
+    GB,
+    GIB,
+    activation_bytes_per_layer,
+    enumerate_layouts,
+    layout_memory,
+    logits_bytes,
+    model_state_bytes,
+    pipeline_bubble,
+    stage_params,
+    tp_candidates,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PSI = 8_015_581_184  # LLaDA-8B
+
+
+def total(states: dict) -> float:
+    return sum(states.values())
+
+
+def test_mixed_precision_adam_is_16_bytes_per_param():
+    s = model_state_bytes(PSI, 0, 1)
+    assert s == {"weights": 2 * PSI, "gradients": 2 * PSI, "optimizer": 12 * PSI}
+    assert total(s) / GB == pytest.approx(128.25, abs=0.01)  # "≈ 128 GB before sharding"
+
+
+@pytest.mark.parametrize("dp, z1, z2, z3", [  # performance.md 5.1 table, GB
+    (1, 128.2, 128.2, 128.2), (2, 80.2, 72.1, 64.1), (4, 56.1, 44.1, 32.1), (8, 44.1, 30.1, 16.0), (16, 38.1, 23.0, 8.0),
+])
+def test_zero_stages_match_table(dp, z1, z2, z3):
+    for stage, expected in ((1, z1), (2, z2), (3, z3)):
+        assert total(model_state_bytes(PSI, stage, dp)) / GB == pytest.approx(expected, abs=0.06)
+    # ZeRO-3 over 8 GPUs: 16Ψ/8 = 2 bytes/param = 16.03 GB
+    assert total(model_state_bytes(PSI, 3, 8)) == 16 * PSI / 8
+
+
+def test_bad_zero_stage():
+    with pytest.raises(ValueError, match="zero_stage"):
+        model_state_bytes(PSI, 4, 8)
+
+
+def test_stage_params_split():
+    cfg = ModelConfig()
+    assert stage_params(cfg, 1, 1, 0) == PSI
+    # TP=2: all linear weights and both vocab tables halve; the 65 norm vectors stay whole
+    norms = 2 * 4096 * 32 + 4096
+    assert stage_params(cfg, 2, 1, 0) == (PSI - norms) / 2 + norms
+    # PP=2: first stage = 16 blocks + embedding; last = 16 blocks + final norm + head
+    block = cfg.params_per_layer()
+    emb = 126464 * 4096
+    assert stage_params(cfg, 1, 2, 0) == 16 * block + emb
+    assert stage_params(cfg, 1, 2, 1) == 16 * block + emb + 4096
+    assert stage_params(cfg, 1, 2, 0) + stage_params(cfg, 1, 2, 1) == PSI
+
+
+def test_activation_arithmetic():
+    # performance.md 5.2: s=4096, b=1, h=4096 -> 1 sbh = 16.8 MB, 570 MB/layer, 18.3 GB for 32 layers
+    per_layer = activation_bytes_per_layer(4096, 1, 4096, 1, recompute=False)
+    assert per_layer == 34 * 4096 * 4096
+    assert 32 * per_layer / GB == pytest.approx(18.25, abs=0.01)
+    assert 32 * activation_bytes_per_layer(4096, 1, 4096, 1, recompute=True) / GB == pytest.approx(1.07, abs=0.01)
+    assert activation_bytes_per_layer(4096, 2, 4096, 4, recompute=False) == per_layer * 2 / 4
+    # logits: 4096 × 126464 × 8 bytes = 4.14 GB per sequence, halved by TP=2
+    assert logits_bytes(4096, 1, 126464, 1) == 4096 * 126464 * 8
+    assert logits_bytes(4096, 1, 126464, 2) == 4096 * 126464 * 4
+
+
+def test_pipeline_bubble():
+    assert pipeline_bubble(1, 10) == 0
+    assert pipeline_bubble(4, 12) == 0.25
+
+
+def test_layout_memory_by_part_hand_numbers():
+    cfg = ModelConfig()
+    parts, tot = layout_memory(cfg, tp=1, pp=1, dp=8, zero_stage=1, seq_len=4096, micro_batch=1,
+                               grad_accum=160, recompute=False, reserve_bytes=4 * GB)
+    assert parts["weights"] == 2 * PSI and parts["gradients"] == 2 * PSI
+    assert parts["optimizer"] == 12 * PSI / 8
+    assert parts["activations"] == 32 * 34 * 4096 * 4096
+    assert parts["logits"] == 4096 * 126464 * 8
+    assert parts["buffers"] == 4 * GB
+    assert tot == sum(parts.values())
+    assert tot / GB == pytest.approx(70.5, abs=0.05)  # 44.1 states + 18.3 + 4.1 + 4.0
+
+
+def test_pipeline_first_stage_holds_p_microbatches():
+    cfg = ModelConfig()
+    parts, _ = layout_memory(cfg, tp=1, pp=4, dp=2, zero_stage=1, seq_len=4096, micro_batch=1,
+                             grad_accum=640, recompute=False, reserve_bytes=0)
+    # most loaded stage is the first: 4 micro-batches in flight × 8 layers = 32 layers' worth
+    assert parts["activations"] == 4 * 8 * 34 * 4096 * 4096
+    assert parts["logits"] == 0
+
+
+def test_tp_candidates_respect_heads_vocab_and_node():
+    cfg = ModelConfig()
+    assert tp_candidates(cfg, 64, 8) == [1, 2, 4, 8]
+    assert tp_candidates(cfg, 6, 8) == [1, 2]  # 3 and 6 do not divide 32 heads
+    assert tp_candidates(cfg, 64, 4) == [1, 2, 4]  # TP stays inside a node
+    gqa = ModelConfig(n_kv_heads=2)
+    assert tp_candidates(gqa, 8, 8) == [1, 2]
+
+
+def test_layouts_rules_and_ranking():
+    cfg = ModelConfig()
+    layouts = enumerate_layouts(cfg, gpus=8, seq_len=4096, global_batch=1280, capacity_bytes=80 * GIB)
+    assert layouts
+    for lay in layouts:
+        assert lay.tp * lay.pp * lay.dp == 8
+        assert cfg.n_layers % lay.pp == 0 and cfg.n_heads % lay.tp == 0
+        assert not (lay.pp > 1 and lay.zero_stage > 1)  # DeepSpeed pipeline: ZeRO 0/1 only
+        assert 1280 % (lay.micro_batch * lay.dp) == 0
+        assert lay.total <= 80 * GIB
+    best = layouts[0]
+    assert (best.tp, best.pp, best.dp, best.zero_stage, best.recompute) == (1, 1, 8, 1, False)
+    # 512 GPUs: DP=512 does not divide the global batch 1280 -> the best layout uses TP=2 (DP=256)
+    big = enumerate_layouts(cfg, gpus=512, seq_len=4096, global_batch=1280, capacity_bytes=80 * GIB)
+    assert big and all(lay.dp != 512 for lay in big)
+    assert (big[0].tp, big[0].dp) == (2, 256)
+
+
+def test_nothing_fits_on_one_gpu():
+    assert enumerate_layouts(ModelConfig(), gpus=1, seq_len=4096, global_batch=1280, capacity_bytes=80 * GIB) == []
+
+
+def test_cli_8b_parameters_and_flops():
+    out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml")]).stdout
+    assert "8,015,581,184" in out
+    assert "6,979,588,096" in out and "7,497,318,400" in out
+    assert "51.43 GFLOP/token" in out
+
+
+def test_cli_layouts_and_none_fits():
+    out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "8"]).stdout
+    assert "layouts that fit" in out and "parallel.tp=1 parallel.pp=1 parallel.zero_stage=1" in out
+    assert "128.2 GB unsharded" in out
+    out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "1"]).stdout
+    assert "no layout fits" in out
+
+
+def test_cli_run_config_and_errors(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {REPO / 'configs/model/llada_8b.yaml'}\ntrain:\n  seq_len: 2048\n  global_batch_size: 64\n"
+                   "  micro_batch_size: 1\ndata:\n  sources:\n    - path: /nonexistent/placeholder\n")
+    out = run_module(["-m", "tools.plan", str(run), "--gpus", "8"]).stdout
+    assert "seq_len 2048" in out and "global batch 64 sequences" in out
+    bad = run_module(["-m", "tools.plan", str(tmp_path / "missing.yaml")], check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and "missing.yaml" in bad.stderr
+    bad = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "0"], check=False)
+    assert bad.returncode != 0 and "--gpus must be positive" in bad.stderr

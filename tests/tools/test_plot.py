@@ -1,0 +1,62 @@
+"""tools.plot on a synthetic metrics.jsonl."""
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import run_module
+from tools.plot import bucket_keys, plot_run, read_metrics, series
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(run_dir, steps=30, buckets=5, resumed_from=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in range(1, steps + 1):
+        rec = {"step": s, "loss": 8.0 * math.exp(-s / 10) + 2, "lr": 1e-3, "grad_norm": 1.0, "seq_len": 128,
+               "tokens_per_s": 1000.0 + s, "step_time_s": 0.1, "mem_gb": 1.0}
+        rec.update({f"loss_t{i}": (i + 1) * rec["loss"] / buckets for i in range(buckets)})
+        if s % 10 == 0:
+            rec["eval_bound"] = rec["loss"] + 0.1
+        lines.append(json.dumps(rec))
+    if resumed_from is not None:  # a resumed run re-logs steps after its checkpoint
+        for s in range(resumed_from + 1, steps + 1):
+            lines.append(json.dumps({"step": s, "loss": 1.0, "tokens_per_s": 5.0}))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_reads_and_dedupes(tmp_path):
+    write_metrics(tmp_path, steps=20, resumed_from=15)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    assert recs[-1]["loss"] == 1.0  # later record wins
+    assert bucket_keys(recs) == [f"loss_t{i}" for i in range(5)]
+    steps, vals = series(recs, "eval_bound")
+    assert steps == [10]
+
+
+def test_plot_writes_pngs(tmp_path):
+    write_metrics(tmp_path / "run")
+    paths = plot_run(tmp_path / "run", tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["loss.png", "loss_by_t.png", "throughput.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_cli(tmp_path):
+    write_metrics(tmp_path / "run", steps=5)
+    proc = run_module(["-m", "tools.plot", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+    assert "throughput.png" in proc.stdout
+    bad = run_module(["-m", "tools.plot", str(tmp_path / "nothing")], check=False)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: no metrics file")
+
+
+def test_bad_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
+    with pytest.raises(ValueError, match=":2: not a JSON object"):
+        read_metrics(tmp_path / "metrics.jsonl")

@@ -1,0 +1,159 @@
+"""Turn a LLaDA-format Hugging Face folder into a difftron training checkpoint.
+
+    python -m tools.convert_from_hf HF_DIR OUT [--step 0] [--dtype fp32|bf16] [--force]
+
+HF_DIR is a local folder in LLaDA's format (e.g. GSAI-ML/LLaDA-8B-Base downloaded with
+``huggingface-cli download``, or an export of ``tools.convert_to_hf``): ``config.json``, safetensors
+weights (sharded with ``model.safetensors.index.json``, or one ``model.safetensors``) and tokenizer
+files. OUT becomes a run folder::
+
+    OUT/checkpoints/step_00000000/
+        model.safetensors   full weights in our names (fp32 unless --dtype)
+        config.yaml         a ``model:`` section with the ModelConfig fields
+        state.json          {"step": 0, "converted_from": HF_DIR}
+        tokenizer/          the HF tokenizer files
+    OUT/checkpoints/latest  "step_00000000"
+
+Use it with ``train.init_from=OUT`` for continued pretraining or SFT. Names and shapes are checked
+against config.json before anything is written; tensors stream one at a time into the output
+file (memory stays near the largest tensor). OUT is built in a temporary sibling folder and
+renamed into place; an existing OUT is replaced only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from model.config import ModelConfig
+from model.hf import (
+    DTYPES,
+    check_tensors,
+    expected_hf_tensors,
+    from_hf_name,
+    hf_tensor_shapes,
+    hf_weight_files,
+    iter_hf_tensors,
+    read_hf_config,
+)
+from tools.convert_to_hf import prepare_output, publish
+from train.checkpoint import step_dir_name
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors_streaming(
+    path: Path,
+    entries: list[tuple[str, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file one tensor at a time (the header is known from the shapes).
+
+    ``entries`` lists (name, shape) in file order; ``tensors`` must yield the same names in the
+    same order. Each tensor is converted to ``dtype`` just before it is written.
+    """
+    item = torch.empty((), dtype=dtype).element_size()
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        nbytes = item
+        for dim in shape:
+            nbytes *= dim
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+    order = [name for name, _ in entries]
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for i, (name, tensor) in enumerate(tensors):
+            if i >= len(order) or name != order[i]:
+                raise RuntimeError(f"tensor stream out of order at {name!r}")
+            data = tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+            f.write(data.numpy())  # buffer protocol: no extra copy
+
+
+def copy_tokenizer(hf_dir: Path, dest: Path) -> list[str]:
+    """Copy the HF tokenizer files of ``hf_dir`` into ``dest``; returns the copied names."""
+    names = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
+    if names:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copyfile(hf_dir / name, dest / name)
+    return names
+
+
+def convert_hf_dir(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    step: int = 0,
+    dtype: str = "fp32",
+    force: bool = False,
+) -> Path:
+    """``python -m tools.convert_from_hf`` as a function. Returns the checkpoint folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if step < 0:
+        raise ValueError(f"--step must be >= 0, got {step}")
+    hf_dir, out = Path(hf_dir), Path(out)
+    config: ModelConfig = read_hf_config(hf_dir)
+    files = hf_weight_files(hf_dir)
+    expected = expected_hf_tensors(config)
+    check_tensors(expected, hf_tensor_shapes(files), source=str(hf_dir))
+
+    tmp = prepare_output(out, force)
+    try:
+        ckpt = tmp / "checkpoints" / step_dir_name(step)
+        ckpt.mkdir(parents=True)
+        entries = [(from_hf_name(name), shape) for name, shape in expected.items()]
+        tensors = ((from_hf_name(name), t) for name, t in iter_hf_tensors(files, expected))
+        write_safetensors_streaming(ckpt / "model.safetensors", entries, tensors, DTYPES[dtype])
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create({"model": config.to_dict()}))
+        (ckpt / "config.yaml").write_text(config_yaml)
+        (ckpt / "state.json").write_text(json.dumps({"step": step, "converted_from": str(hf_dir.resolve())}, indent=1))
+        if not copy_tokenizer(hf_dir, ckpt / "tokenizer"):
+            print(f"warning: {hf_dir} has no tokenizer files; the checkpoint has no tokenizer/", file=sys.stderr)
+        (tmp / "checkpoints" / "latest").write_text(ckpt.name)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "checkpoints" / step_dir_name(step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_from_hf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("hf_dir", help="local Hugging Face folder in LLaDA's format")
+    parser.add_argument("out", help="output run folder (must not exist unless --force)")
+    parser.add_argument("--step", type=int, default=0, help="step number of the checkpoint (default 0)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="stored dtype (default fp32)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = convert_hf_dir(args.hf_dir, args.out, step=args.step, dtype=args.dtype, force=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {ckpt} (use train.init_from={args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

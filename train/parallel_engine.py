@@ -1,0 +1,299 @@
+"""The parallel training engine: ``train.engine.LocalEngine``'s interface over a TP×PP×DP layout.
+
+``build_parallel_engine(...)`` initializes ``torch.distributed`` (nccl on GPU, gloo on CPU, via
+DeepSpeed), megatron-core's groups and the DeepSpeed engine, and returns a
+:class:`ParallelEngine`. Every rank of a step receives its data-parallel rank's micro-batches
+(all TP/PP peers of a DP rank get the same ones) and returns the same ``StepOutput.loss``
+(the global batch's loss) and ``grad_norm`` (global, before clipping).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from model.config import ModelConfig
+from model.llada import LLaDAModel
+from train.engine import MicroBatch, StepOutput
+from train.layout import ParallelConfig, ParallelLayout
+from train.parallelize import ParallelModel, parallelize, shard_of
+
+
+class ParallelEngine:
+    """Attributes for the trainer: ``dp_rank``/``dp_size`` (slice the global batch by these),
+    ``tp_rank``, ``pp_rank``, ``is_logging_rank`` (global rank 0), ``layout``."""
+
+    def __init__(self, parallel_model: ParallelModel, precision: str) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.pm = parallel_model
+        self.engine = parallel_model.engine
+        self.layout = parallel_model.layout
+        self.device = parallel_model.device
+        self.precision = precision
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.is_logging_rank = dist.get_rank() == 0
+        self._pipe_shape: tuple | None = None
+
+    # ----- steps ------------------------------------------------------------------------------
+    def _check_count(self, micro_batches: list[MicroBatch]) -> None:
+        expected = self.layout.grad_accum_steps
+        if len(micro_batches) != expected:
+            raise ValueError(
+                f"parallel engine: expected {expected} micro-batches per data-parallel rank "
+                f"(global batch / (micro_batch_size·dp)), got {len(micro_batches)}"
+            )
+
+    def _pipe_data(self, micro_batches: list[MicroBatch]) -> list:
+        shape = tuple(tuple(mb.input_ids.shape) for mb in micro_batches)
+        if shape != self._pipe_shape:  # seq length or micro-batch size changed: new p2p buffers
+            self.engine.reset_activation_shape()
+            self._pipe_shape = shape
+        return [
+            (mb.input_ids, (mb.targets, mb.masked, mb.p_mask, mb.row_weight.float()))
+            for mb in (m.to(self.device) for m in micro_batches)
+        ]
+
+    def _gather_results(self, n_rows: int, reduce_dp: bool) -> tuple[float, torch.Tensor]:
+        """The recorded loss (summed over micro-batches, and over DP when ``reduce_dp``) and the
+        per-row sums, made identical on every pipeline stage."""
+        from megatron.core import parallel_state as ps
+
+        loss_fn = self.pm.loss
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows = torch.zeros(n_rows, dtype=torch.float32, device=self.device)
+        if loss_fn.losses:
+            total += torch.stack(loss_fn.losses).sum()
+            rows += torch.cat(loss_fn.rows)
+        if reduce_dp and self.dp_size > 1:
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if self.layout.pp > 1:  # only the last stage computed them; the others hold zeros
+            group = ps.get_pipeline_model_parallel_group()
+            dist.all_reduce(total, group=group)
+            dist.all_reduce(rows, group=group)
+        return float(total), rows.cpu()
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepOutput:
+        """One optimizer step over this DP rank's micro-batches. Returns the global loss, the
+        global grad norm before clipping and this DP rank's per-row masked CE sums (the same on
+        all TP/PP peers)."""
+        self._check_count(micro_batches)
+        self._set_lr(lr)
+        self.pm.loss.reset(scale=float(self.layout.grad_accum_steps * self.dp_size))
+        n_rows = sum(mb.input_ids.shape[0] for mb in micro_batches)
+        if self.layout.pp > 1:
+            self.engine.train_batch(data_iter=iter(self._pipe_data(micro_batches)))
+        else:
+            self.engine.train()
+            for mb in micro_batches:
+                mb = mb.to(self.device)
+                logits = self.engine(mb.input_ids)
+                loss = self.pm.loss(logits, (mb.targets, mb.masked, mb.p_mask, mb.row_weight))
+                self.engine.backward(loss)
+                self.engine.step()
+        total, rows = self._gather_results(n_rows, reduce_dp=True)
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return StepOutput(loss=total, grad_norm=norm, per_sample=rows)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
+        """Per-row masked CE sums ``[rows]`` of this DP rank's micro-batches (no gradient)."""
+        self.pm.loss.reset(scale=1.0)
+        n_rows = sum(mb.input_ids.shape[0] for mb in micro_batches)
+        if self.layout.pp > 1:
+            data = self._pipe_data(micro_batches)
+            self.engine.eval_batch(iter(data), num_micro_batches=len(data), bcast_loss=False)
+        else:
+            self.engine.eval()
+            for mb in micro_batches:
+                mb = mb.to(self.device)
+                self.pm.loss(self.engine(mb.input_ids), (mb.targets, mb.masked, mb.p_mask, mb.row_weight))
+            self.engine.train()
+        return self._gather_results(n_rows, reduce_dp=False)[1]
+
+    # ----- weights ----------------------------------------------------------------------------
+    def _local_fp32(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """This TP shard of a parameter in fp32, complete over ZeRO partitions (collective over
+        DP for ZeRO-3 and for bf16 masters)."""
+        if self.layout.zero_stage == 3 or self.precision == "bf16":
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                return full.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        return p.detach().float().clone()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full single-device state dict (LLaDA names, fp32, CPU) on every rank: TP shards
+        gathered along their partition dims, pipeline stages and ZeRO partitions merged.
+        Collective: every rank must call it."""
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group()
+        state: dict[str, torch.Tensor] = {}
+        for layer in self.pm.layers:
+            for name, p in layer.full_named_parameters():
+                local = self._local_fp32(p).contiguous()
+                if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
+                    parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
+                    dist.all_gather(parts, local, group=tp_group)
+                    local = torch.cat(parts, dim=p.partition_dim)
+                state[name] = local.cpu()
+        if self.layout.pp > 1:
+            stages: list = [None] * self.layout.pp
+            dist.all_gather_object(stages, state, group=ps.get_pipeline_model_parallel_group())
+            state = {k: v for stage in stages for k, v in stage.items()}
+        return state
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full single-device weights: each rank copies its shard into the module and into
+        DeepSpeed's fp32 master partitions. Collective under ZeRO-3."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        expected = {name for layer in self.pm.layers for name, _ in layer.full_named_parameters()}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"model state: missing key(s) {', '.join(missing[:5])}")
+        if self.layout.pp == 1:
+            unexpected = sorted(set(state) - expected)
+            if unexpected:
+                raise ValueError(f"model state: unexpected key(s) {', '.join(unexpected[:5])}")
+        with torch.no_grad():
+            for layer in self.pm.layers:
+                for name, p in layer.full_named_parameters():
+                    shard = shard_of(state[name], p, self.layout.tp, self.tp_rank).float().to(self.device)
+                    if self.layout.zero_stage == 3:
+                        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                            p.data.copy_(shard.reshape(p.shape).to(p.dtype))
+                    else:
+                        p.data.copy_(shard.to(p.dtype))
+                    if self.layout.zero_stage > 0 or self.precision == "bf16":
+                        safe_set_full_fp32_param(p, shard)
+
+    def optimizer_state_dict(self) -> dict:
+        raise NotImplementedError(
+            "parallel engine: optimizer state is sharded by DeepSpeed; use engine.save(dir) / engine.load(dir)"
+        )
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self.optimizer_state_dict()
+
+    # ----- DeepSpeed checkpoints (resume in the same layout) -----------------------------------
+    def save(self, directory: str) -> None:
+        """Save the engine (sharded model + optimizer state) to ``directory`` atomically (a
+        temporary folder then ``os.replace`` by rank 0; the folder must be shared by all ranks)."""
+        tmp = directory.rstrip("/") + ".tmp"
+        if dist.get_rank() == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(tmp, tag="engine")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        dist.barrier()
+
+    def load(self, directory: str) -> None:
+        if not os.path.isdir(os.path.join(directory, "engine")):
+            raise FileNotFoundError(f"no DeepSpeed engine checkpoint in {directory}")
+        path, _ = self.engine.load_checkpoint(directory, tag="engine")
+        if path is None:
+            raise FileNotFoundError(f"could not load the DeepSpeed engine checkpoint in {directory}")
+
+    def close(self) -> None:
+        """Release the engine and megatron's groups (lets one process build another layout)."""
+        from megatron.core import parallel_state as ps
+
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+        ps.destroy_model_parallel()
+
+
+def init_distributed(use_cuda: bool) -> None:
+    """Initialize ``torch.distributed`` from torchrun's environment (no-op if already done); a
+    plain single process (no ``RANK`` in the environment) becomes a world of one on localhost."""
+    import deepspeed
+
+    if not use_cuda:
+        from train import cpu_shim
+
+        cpu_shim.apply()
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+
+
+def build_parallel_engine(
+    model_config: ModelConfig,
+    parallel_config: ParallelConfig,
+    *,
+    world_size: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    grad_clip: float,
+    precision: str,
+    micro_batch_size: int,
+    global_batch_size: int,
+    activation_checkpointing: str = "none",
+    attention_backend: str = "auto",
+    model: LLaDAModel | None = None,
+) -> ParallelEngine:
+    """Validate the layout, set up process groups and build the engine on this rank.
+
+    The weights are drawn as ``build_model(model_config, seed)`` would draw them, or sliced from
+    ``model`` when one is given. Run under ``torchrun`` (``world_size`` = its WORLD_SIZE).
+    """
+    layout = ParallelLayout.from_config(
+        parallel_config, world_size, model_config, micro_batch_size, global_batch_size
+    )
+    if precision == "bf16" and layout.pp > 1 and layout.zero_stage == 0:
+        raise ValueError(
+            "parallel config: precision=bf16 with pipeline parallelism needs parallel.zero_stage=1 "
+            "(DeepSpeed's bf16 ZeRO-0 pipeline path is not supported here)"
+        )
+    use_cuda = torch.cuda.is_available()
+    init_distributed(use_cuda)
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    layout.initialize_process_groups()
+    parallel_model = parallelize(
+        model if model is not None else model_config,
+        layout,
+        seed=seed,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        eps=eps,
+        grad_clip=grad_clip,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+        attention_backend=attention_backend,
+        device=device,
+    )
+    return ParallelEngine(parallel_model, precision)
