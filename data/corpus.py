@@ -149,6 +149,7 @@ def train_tokenizer(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)
         fast.save_pretrained(tmp)
         (tmp / _CACHE_MARKER).write_text(json.dumps(key, indent=1))
         if out.exists():

@@ -239,16 +239,25 @@ class ShardSet:
             out[done:done + n] = self.shard_tokens(k)[lo:lo + n]
             done += n
             pos += n
-        bad = out >= self.vocab_size
-        if bad.any():
-            at = start + int(np.argmax(bad))
+        if out.size and int(out.max()) >= self.vocab_size:
+            at = start + int(np.argmax(out >= self.vocab_size))
             k = int(np.searchsorted(self.shard_starts, at, side="right")) - 1
-            s = self.manifest["shards"][k]
-            raise ValueError(
-                f"{self._path(s, 'bin')}: token id {int(out[at - start])} at token offset {at - int(self.shard_starts[k])} "
-                f">= vocab size {self.vocab_size} (corrupted shard or wrong manifest)"
-            )
+            self._bad_id(k, int(out[at - start]), at - int(self.shard_starts[k]))
         return out
+
+    def check_ids(self, tokens: np.ndarray, k: int) -> None:
+        """ValueError naming shard ``k`` if any id in ``tokens`` (read from it) is >= the vocabulary."""
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            bad = int(tokens.flat[int(np.argmax(tokens.reshape(-1) >= self.vocab_size))])
+            where = np.flatnonzero(self.shard_tokens(k) == bad)
+            self._bad_id(k, bad, int(where[0]) if len(where) else -1)
+
+    def _bad_id(self, k: int, token: int, offset: int) -> None:
+        s = self.manifest["shards"][k]
+        raise ValueError(
+            f"{self._path(s, 'bin')}: token id {token} at token offset {offset} "
+            f">= vocab size {self.vocab_size} (corrupted shard or wrong manifest)"
+        )
 
     def shard_of(self, pos: int) -> str:
         k = int(np.searchsorted(self.shard_starts, pos, side="right")) - 1

@@ -1,12 +1,18 @@
 """One non-causal attention function with a choice of backends.
 
-``attention(q, k, v, key_padding_mask)`` computes bidirectional softmax attention. Backends:
+``attention(q, k, v, key_padding_mask, backend)`` computes bidirectional softmax attention.
 
-- ``"flash"``: FlashAttention (``flash_attn.flash_attn_func`` with ``causal=False``), used only on
-  CUDA tensors in fp16/bf16 and without a padding mask; imported lazily, never at module import;
-- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (any device, any dtype, masks,
-  GQA);
-- ``"auto"`` (default): flash when it is installed and applicable, otherwise SDPA.
+- ``"auto"`` (default): FlashAttention 2 when installed and applicable, otherwise SDPA;
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, letting PyTorch pick its kernel
+  (any device, any dtype, padding masks, GQA);
+- ``"sdpa_cudnn"``, ``"sdpa_flash"``, ``"sdpa_efficient"``: SDPA pinned to one of its CUDA
+  kernels (cuDNN, flash, memory-efficient);
+- ``"flash"`` (flash-attn 2, ``flash_attn.flash_attn_func``), ``"fa3"`` (FlashAttention-3,
+  ``flash_attn_interface``), ``"fa4"`` (FlashAttention-4, CuTe DSL, ``flash_attn.cute``): external
+  kernels called with ``causal=False``; they need CUDA fp16/bf16 tensors and no padding mask, and
+  are imported lazily (never at module import, so this module imports on any CPU machine).
+
+``train.performance.pick_attention`` measures them side by side on a GPU and picks one per device.
 
 Shapes: q ``[B, H, S, D]``, k and v ``[B, Hkv, S, D]`` with ``H % Hkv == 0``; the mask is
 ``[B, S]`` with True (or 1) for tokens that may be attended to. Returns ``[B, H, S, D]``.
@@ -15,30 +21,74 @@ Shapes: q ``[B, H, S, D]``, k and v ``[B, Hkv, S, D]`` with ``H % Hkv == 0``; th
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "flash")
+EXTERNAL = {  # backend -> (module, function)
+    "flash": ("flash_attn", "flash_attn_func"),
+    "fa3": ("flash_attn_interface", "flash_attn_func"),
+    "fa4": ("flash_attn.cute", "flash_attn_func"),
+}
+SDPA_PINNED = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
+BACKENDS = ("auto", "sdpa", *SDPA_PINNED, *EXTERNAL)
 
 
 @functools.cache
-def flash_attn_func():
-    """The flash-attn kernel, or None when flash-attn is not installed (e.g. on CPU machines)."""
+def external_kernel(backend: str = "flash"):
+    """The external kernel of ``backend``, or None when it is not installed (e.g. on CPU)."""
+    module, name = EXTERNAL[backend]
     try:
-        from flash_attn import flash_attn_func as fn  # type: ignore[import-not-found]
+        return getattr(importlib.import_module(module), name)
     except Exception:  # ImportError, or a build that does not match the installed torch/CUDA
         return None
-    return fn
 
 
-def flash_applicable(q: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
+def flash_attn_func():
+    """flash-attn 2's kernel, or None when flash-attn is not installed."""
+    return external_kernel("flash")
+
+
+def external_applicable(q: torch.Tensor, key_padding_mask: torch.Tensor | None, backend: str = "flash") -> bool:
     return (
         key_padding_mask is None
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
-        and flash_attn_func() is not None
+        and external_kernel(backend) is not None
     )
+
+
+def flash_applicable(q: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
+    return external_applicable(q, key_padding_mask, "flash")
+
+
+def _sdpa(q, k, v, key_padding_mask):
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask.to(torch.bool)[:, None, None, :]
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=gqa)
+
+
+def _sdpa_pinned(backend: str, q, k, v, key_padding_mask):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[backend]
+    with sdpa_kernel([kernel]):
+        return _sdpa(q, k, v, key_padding_mask)
+
+
+def _external(backend: str, q, k, v):
+    # the external kernels take [B, S, H, D] and handle GQA themselves
+    out = external_kernel(backend)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
+    if isinstance(out, tuple):  # FA3/FA4 may return (out, softmax_lse)
+        out = out[0]
+    return out.transpose(1, 2)
 
 
 def attention(
@@ -50,17 +100,16 @@ def attention(
 ) -> torch.Tensor:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "flash" and not flash_applicable(q, key_padding_mask):
-        raise RuntimeError(
-            "attention backend 'flash' needs flash-attn installed, CUDA fp16/bf16 tensors and no "
-            "padding mask; use 'auto' to fall back to SDPA"
-        )
-    if backend != "sdpa" and flash_applicable(q, key_padding_mask):
-        # flash-attn takes [B, S, H, D] and handles GQA itself.
-        out = flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
-        return out.transpose(1, 2)
-    mask = None
-    if key_padding_mask is not None:
-        mask = key_padding_mask.to(torch.bool)[:, None, None, :]
-    gqa = k.shape[1] != q.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=gqa)
+    if backend in EXTERNAL:
+        if not external_applicable(q, key_padding_mask, backend):
+            module = EXTERNAL[backend][0]
+            raise RuntimeError(
+                f"attention backend {backend!r} needs {module} installed, CUDA fp16/bf16 tensors and no "
+                "padding mask; use 'auto' to fall back to SDPA"
+            )
+        return _external(backend, q, k, v)
+    if backend in SDPA_PINNED:
+        return _sdpa_pinned(backend, q, k, v, key_padding_mask)
+    if backend == "auto" and flash_applicable(q, key_padding_mask):
+        return _external("flash", q, k, v)
+    return _sdpa(q, k, v, key_padding_mask)

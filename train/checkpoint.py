@@ -52,20 +52,24 @@ def save_checkpoint(
     config_yaml: str,
     tokenizer_dir: str | os.PathLike | None,
     keep_last: int = 3,
+    staging: Path | None = None,
     extra_writer=None,
 ) -> Path:
     """Write a complete checkpoint atomically and point ``latest`` at it. Returns its folder.
 
-    ``extra_writer(tmp_dir)``, when given, writes additional files (e.g. sharded engine state)
-    into the folder before it is renamed into place.
+    ``staging`` is a temporary folder that already holds other parts of the checkpoint (e.g. the
+    sharded engine state every rank wrote; see :func:`staging_dir`); by default a fresh one is
+    made. ``extra_writer(tmp_dir)``, when given, writes additional files into the folder before it
+    is renamed into place.
     """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging if staging is not None else root / f"{final.name}.tmp-{os.getpid()}"
+    if staging is None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -82,6 +86,12 @@ def save_checkpoint(
     _atomic_write_text(root / "latest", final.name)
     _prune(root, keep_last)
     return final
+
+
+def staging_dir(out_dir: str | os.PathLike, step: int) -> Path:
+    """The temporary folder in which all ranks assemble the checkpoint of ``step`` (a name every
+    rank can compute; only complete folders are renamed to ``step_XXXXXXXX``)."""
+    return Path(out_dir) / "checkpoints" / f"{step_dir_name(step)}.tmp-staging"
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
+from model.attention import BACKENDS as ATTENTION_BACKENDS
 from model.config import ModelConfig
 from train.layout import ParallelConfig
 
@@ -64,7 +65,8 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     activation_checkpointing: str = "none"  # "none", "selective" or "full"
-    attention_backend: str = "auto"  # "auto" (flash-attn on GPU when installed, else SDPA), "sdpa", "flash"
+    attention_backend: str = "auto"  # "auto" (flash-attn on GPU when installed, else SDPA), "sdpa", "flash", ... (model/attention.py)
+    compile: bool = False  # torch.compile each transformer block (GPU fast path; single-process engine)
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 3
     resume: bool = False  # continue from <out_dir>/checkpoints/latest when there is one
@@ -177,7 +179,7 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> None:
         "train.precision": (t.precision, ("fp32", "bf16")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.activation_checkpointing": (t.activation_checkpointing, ("none", "selective", "full")),
-        "train.attention_backend": (t.attention_backend, ("auto", "sdpa", "flash")),
+        "train.attention_backend": (t.attention_backend, ATTENTION_BACKENDS),
         "logging.wandb": (cfg.logging.wandb, ("offline", "online", "disabled")),
     }
     for key, (value, allowed) in choices.items():

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from model.objective import masked_token_losses
+from train.performance import to_device
 
 
 @dataclass
@@ -93,21 +94,22 @@ class LocalEngine:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64)
-        per_sample = []
+        losses, per_sample = [], []
         for mb in micro_batches:
-            mb = mb.to(self.device)
+            mb = to_device(mb, self.device)
             with autocast_context(self.device, self.precision):
                 loss, rows = micro_batch_loss(self.model, mb)
             loss.backward()
-            total += loss.detach().double().cpu()
-            per_sample.append(rows.detach().float().cpu())
+            # kept on the device: one host sync per step, not per micro-batch
+            losses.append(loss.detach())
+            per_sample.append(rows.detach())
+        total = torch.stack(losses).double().sum()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(float(total), float(grad_norm), torch.cat(per_sample))
+        return StepOutput(float(total), float(grad_norm), torch.cat(per_sample).float().cpu())
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -115,7 +117,7 @@ class LocalEngine:
         self.model.eval()
         rows = []
         for mb in micro_batches:
-            mb = mb.to(self.device)
+            mb = to_device(mb, self.device)
             with autocast_context(self.device, self.precision):
                 rows.append(micro_batch_loss(self.model, mb)[1].float().cpu())
         return torch.cat(rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -38,11 +39,13 @@ from train.checkpoint import (
     load_training_state,
     read_model_config,
     save_checkpoint,
+    staging_dir,
 )
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import LocalEngine, MicroBatch
 from train.hardware import current_device_name, mfu
 from train.metrics import MetricsLogger
+from train.performance import compile_blocks
 from train.schedule import wsd_lr
 
 
@@ -76,6 +79,7 @@ class Trainer:
         self.dp_rank = getattr(self.engine, "dp_rank", 0)
         self.dp_size = getattr(self.engine, "dp_size", 1)
         self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)
+        self.device = getattr(self.engine, "device", self.device)
         if t.global_batch_size % (t.micro_batch_size * self.dp_size):
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -109,6 +113,8 @@ class Trainer:
         p = self.cfg.parallel
         trivial_layout = p.tp == 1 and p.pp == 1 and p.zero_stage == 0
         if self.world_size > 1 or not trivial_layout:
+            if t.compile:
+                raise ConfigError("train.compile=true is supported by the single-process engine only (for now)")
             from train.parallel_engine import build_parallel_engine  # imports DeepSpeed/megatron
 
             return build_parallel_engine(
@@ -123,6 +129,8 @@ class Trainer:
         model = build_model(self.cfg.model, seed=t.seed)
         model.set_activation_checkpointing(t.activation_checkpointing)
         model.set_attention_backend(t.attention_backend)
+        if t.compile:
+            compile_blocks(model)
         return LocalEngine(
             model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.adam_eps,
             grad_clip=t.grad_clip, precision=t.precision, device=self.device,
@@ -153,13 +161,23 @@ class Trainer:
         if saved != self.cfg.model:
             diff = [k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v]
             raise ConfigError(f"checkpoint {ckpt} was written for a different model (differs in: {', '.join(diff)})")
-        _, weights = load_model_weights(ckpt)
-        self.engine.load_model_state_dict(weights)
         state = load_training_state(ckpt)
-        if hasattr(self.engine, "load"):
-            self.engine.load(ckpt)
-        elif state["optimizer"] is not None:
-            self.engine.load_optimizer_state_dict(state["optimizer"])
+        if hasattr(self.engine, "load"):  # model and sharded optimizer state, same layout
+            if not (ckpt / "engine").is_dir():
+                raise ConfigError(
+                    f"checkpoint {ckpt} has no sharded engine state (it was written by a single-process run); "
+                    "resuming it under a parallel layout is not supported yet, start from its weights with train.init_from"
+                )
+            self.engine.load(str(ckpt / "engine"))
+        else:
+            if (ckpt / "engine").is_dir():
+                raise ConfigError(
+                    f"checkpoint {ckpt} holds sharded optimizer state of a parallel layout; resuming it in a "
+                    "single process is not supported yet, start from its weights with train.init_from"
+                )
+            self.engine.load_model_state_dict(load_model_weights(ckpt)[1])
+            if state["optimizer"] is not None:
+                self.engine.load_optimizer_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["trainer"]["loader"])
         if state["rng"] is not None:
             torch.set_rng_state(state["rng"]["torch"])
@@ -261,15 +279,30 @@ class Trainer:
 
     # ----- checkpoints and signals ------------------------------------------------------------
     def save(self) -> Path | None:
-        model_state = self.engine.model_state_dict()  # collective in parallel engines
-        optimizer_state = None if hasattr(self.engine, "save") else self.engine.optimizer_state_dict()
+        """Write a checkpoint of the current step (collective: every rank must call it)."""
+        distributed = dist.is_available() and dist.is_initialized()
+        model_state = self.engine.model_state_dict()  # gathers the full weights in parallel layouts
+        staging = None
+        if hasattr(self.engine, "save"):  # sharded optimizer state: every rank writes its part
+            staging = staging_dir(self.out_dir, self.step)
+            if self.is_logging_rank:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+            if distributed:
+                dist.barrier()
+            self.engine.save(str(staging / "engine"))
         path = None
         if self.is_logging_rank:
             path = save_checkpoint(
-                self.out_dir, self.step, model_state=model_state, optimizer_state=optimizer_state,
+                self.out_dir, self.step, model_state=model_state,
+                optimizer_state=None if staging is not None else self.engine.optimizer_state_dict(),
                 trainer_state={"loader": self.loader.state_dict()}, config_yaml=to_yaml(self.cfg),
                 tokenizer_dir=self.loader.tokenizer_path, keep_last=self.cfg.train.keep_last,
+                staging=staging,
             )
+        if distributed:
+            dist.barrier()
         return path
 
     def _on_signal(self, signum, _frame) -> None:
@@ -294,7 +327,7 @@ class Trainer:
                 if self.val_loader is not None and self.step % self.cfg.eval.every == 0:
                     values["eval_bound"] = self.evaluate()
                 history.append({"step": self.step, **values})
-                if self.step % log.log_every == 0 or self.step == t.max_steps:
+                if self.step % log.log_every == 0 or self.step in (1, t.max_steps):
                     self.metrics.log(self.step, values, console=True)
                 if bar is not None:
                     bar.update(1)

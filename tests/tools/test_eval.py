@@ -1,12 +1,10 @@
 """The lm-eval adapter: lm-eval's own CLI runs the local tasks under tests/assets/lm_eval_tasks
 (multiple choice, generation, perplexity) against a tiny model, on 1 and on 2 ranks."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,22 +14,10 @@ TASKS = REPO / "tests" / "assets" / "lm_eval_tasks"
 MODEL_ARGS = "mc_num=8,mc_batch_size=16,gen_length=8,steps=8,block_length=4"
 
 
-def _make_tiny_run(root: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("_difftron_test_generate", Path(__file__).with_name("test_generate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_tiny_run(root)
-
-
 @pytest.fixture(scope="module")
-def run_dir(request, tmp_path_factory):
-    """The lead's trained ``tiny_run`` (a run folder) when tests/conftest.py provides it, else a
-    random tiny model written in the checkpoint layout."""
-    try:
-        return Path(request.getfixturevalue("tiny_run"))
-    except Exception as e:  # not defined, or the training stack is not complete yet
-        warnings.warn(f"tiny_run unavailable ({type(e).__name__}); using a random tiny model")
-        return _make_tiny_run(tmp_path_factory.mktemp("eval"))
+def run_dir(tiny_run):
+    """The session's tiny model trained for a few steps on the embedded corpus (tests/conftest.py)."""
+    return Path(tiny_run)
 
 
 def run_cli(run_dir: Path, out: Path, launcher: list[str]) -> dict:

@@ -21,7 +21,7 @@ def small_run(out_dir, shards, *extra: str):
         f"train.out_dir={out_dir}", f"data.sources=[{{path: {shards}}}]", "logging.wandb=disabled",
         "logging.progress_bar=false", "eval.every=0", "model.n_layers=2", "model.d_model=64",
         "model.mlp_hidden_size=128", "train.seq_len=64", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.warmup_steps=2", "train.decay_steps=0", *extra,
+        "train.micro_batch_size=4", "train.warmup_steps=2", "train.decay_steps=0", "logging.log_every=1", *extra,
     ]
     return Trainer(load_config(DEMO, overrides))
 

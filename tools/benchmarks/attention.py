@@ -5,7 +5,8 @@ when importable, PyTorch SDPA pinned to its cuDNN / flash / memory-efficient / m
 SDPA's own dispatch) at one shape, forward and forward+backward, checks each against SDPA's math
 backend, and names the fastest. Full size on GPU: batch 2, 32 heads, seq 4096, head dim 128, bf16
 (LLaDA-8B's attention). On CPU (or with ``--tiny``): batch 1, 4 heads, seq 256, head dim 64, fp32,
-SDPA only; the GPU kernels are listed as unavailable with the reason.
+SDPA only (its own dispatch, math, and PyTorch's CPU flash kernel); the GPU kernels are listed as
+unavailable with the reason.
 
 TFLOP/s use the FlashAttention benchmark convention (``fwd = 4·B·S²·H·D``, fwd+bwd = 3.5·fwd,
 the backward's recompute included) and, for fwd+bwd, also the model count (3·fwd, the
@@ -23,20 +24,13 @@ from train.performance import (
     attention_flops,
     attention_kernels,
     check_kernel,
+    resolve_device,
     time_attention,
 )
 
 FULL = dict(batch=2, heads=32, seq=4096, head_dim=128, dtype="bf16")
 TINY = dict(batch=1, heads=4, seq=256, head_dim=64, dtype="fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def parse(argv, description):

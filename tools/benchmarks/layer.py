@@ -33,22 +33,15 @@ from train.performance import (
     attention_kernels,
     compile_blocks,
     pick_attention,
-    time_attention,
+    resolve_device,
     time_call,
+    time_interleaved,
 )
 
 FULL = dict(d_model=4096, heads=32, ffn=12288, seq=4096, batch=1, dtype="bf16")
 TINY = dict(d_model=256, heads=2, ffn=768, seq=256, batch=1, dtype="fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = "targets on one H100: >= 580 TFLOP/s with FA2, >= 640 with FA3/cuDNN-class attention"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def block_config(size: dict) -> ModelConfig:
@@ -77,8 +70,8 @@ class _Wrapper(torch.nn.Module):
             b.attention_backend = backend
 
 
-def time_gemms(block: LLaDABlock, tokens: int, *, device, dtype, warmup: int, repeats: int) -> tuple[float, float]:
-    """(seconds, FLOPs) of fwd+bwd of the block's linears at ``[tokens, in] x [in, out]``."""
+def gemm_step(block: LLaDABlock, tokens: int, *, device, dtype):
+    """``(fn, FLOPs)``: fn runs fwd+bwd of the block's linears at ``[tokens, in] x [in, out]``."""
     shapes = [(m.in_features, m.out_features) for m in (block.q_proj, block.k_proj, block.v_proj, block.attn_out,
                                                          block.ff_proj, block.up_proj, block.ff_out)]
     g = torch.Generator().manual_seed(0)
@@ -91,15 +84,27 @@ def time_gemms(block: LLaDABlock, tokens: int, *, device, dtype, warmup: int, re
             F.linear(x, w).backward(gy)
             x.grad = w.grad = None
 
-    flops = sum(6.0 * tokens * i * o for i, o in shapes)
-    return time_call(run, device, warmup=warmup, repeats=repeats), flops
+    return run, sum(6.0 * tokens * i * o for i, o in shapes)
 
 
-def square_gemm_rate(n: int, *, device, dtype, warmup: int, repeats: int) -> float:
-    """FLOP/s of an ``n × n × n`` matmul on random data."""
+def square_gemm(n: int, *, device, dtype):
+    """``(fn, FLOPs)``: fn runs an ``n × n × n`` matmul on random data."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
-    return 2.0 * n**3 / time_call(lambda: a @ b, device, warmup=warmup, repeats=repeats)
+    return (lambda: a @ b), 2.0 * n**3
+
+
+def attention_step(fn, shape, *, device, dtype):
+    """fn: forward+backward of one attention kernel on random ``[B, H, S, D]`` inputs."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(shape, generator=g).to(device, dtype)
+
+    def run():
+        fn(q, k, v).backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return run
 
 
 def parse(argv):
@@ -150,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --attention must be 'pick' or one of {', '.join(KERNELS)}, got {args.attention!r}", file=sys.stderr)
         return 2
 
+    available, unavailable = attention_kernels(device)
+    if choice.name not in available:
+        print(f"error: attention kernel {choice.name!r} is unavailable here: {unavailable.get(choice.name, 'unknown')}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     with torch.device(device):
         block = LLaDABlock(config).to(dtype)
@@ -175,20 +184,26 @@ def main(argv: list[str] | None = None) -> int:
         for p in block.parameters():
             p.grad = None
 
-    t_layer = time_call(step, device, warmup=args.warmup + (2 if args.compile else 0), repeats=args.repeats)
+    if args.compile:  # compile outside the timed rounds
+        time_call(step, device, warmup=1, repeats=1)
     flops = layer_flops(config, b, s)
-    t_gemm, gemm_flops = time_gemms(block, b * s, device=device, dtype=dtype, warmup=args.warmup, repeats=args.repeats)
-    kernels, _ = attention_kernels(device)
-    t_attn = time_attention(kernels[choice.name], attn_shape, device=device, dtype=dtype, warmup=args.warmup, repeats=args.repeats)
+    gemm, gemm_flops = gemm_step(block, b * s, device=device, dtype=dtype)
+    attn = attention_step(available[choice.name], attn_shape, device=device, dtype=dtype)
     attn_flops = attention_flops(*attn_shape)["fwd_bwd_model"]
     square = args.square if args.square is not None else (8192 if device.type == "cuda" else 512)
+    fns = {"layer": step, "gemm": gemm, "attention": attn}
+    if square:
+        square_fn, square_flops = square_gemm(square, device=device, dtype=dtype)
+        fns["square"] = square_fn
+    seconds = time_interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
+    t_layer, t_gemm, t_attn = seconds["layer"], seconds["gemm"], seconds["attention"]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"layer bench: device {name}; block d={d} heads={config.n_heads} head_dim={config.head_dim} "
         f"swiglu={config.mlp_hidden_size}, batch {b} x seq {s}, {size['dtype']} weights, attention {choice.name}, "
         f"compile {'on' if args.compile else 'off'}, checkpointing {args.checkpointing}; "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
     )
     if choice.seconds:
         print("attention pick (fwd+bwd ms): " + ", ".join(f"{k} {v * 1e3:.3g}" for k, v in sorted(choice.seconds.items(), key=lambda kv: kv[1])))
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio layer/GEMM: {layer_rate / gemm_rate:.3f}")
     print(f"ratio layer/ceiling: {layer_rate / ceiling:.3f}")
     if square:
-        rate = square_gemm_rate(square, device=device, dtype=dtype, warmup=args.warmup, repeats=args.repeats)
+        rate = square_flops / seconds["square"]
         print(f"square GEMM {square}^3 {size['dtype']}: {rate / 1e12:.4g} TFLOP/s; ratio layer/square: {layer_rate / rate:.3f}")
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if peak is not None:
