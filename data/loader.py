@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import torch

@@ -325,10 +325,26 @@ def prepare(
 ) -> dict:
     """Tokenize ``inputs`` (and/or ``hf_dataset``) into shards under ``output``; returns the manifest.
 
+    ``progress`` shows a tqdm bar (tokens/s); one summary line is printed either way.
+
     Resumes an unfinished run of the same command; a finished one is left as is (returned).
     Raises ValueError/FileNotFoundError naming the file (and line/offset) of the first bad record
     unless ``skip_bad_records`` (then they are counted in the manifest).
     """
+    with tempfile.TemporaryDirectory(prefix="difftron_prepare") as scratch:
+        return _prepare(
+            inputs, output, tokenizer=tokenizer, hf_dataset=hf_dataset, opts=opts, workers=workers, batch_docs=batch_docs,
+            shard_tokens=shard_tokens, skip_bad_records=skip_bad_records, overwrite=overwrite, add_bos=add_bos,
+            vocab_size=vocab_size, progress=progress, scratch=scratch,
+        )
+
+
+def _prepare(
+    inputs: list[str], output: str, *, tokenizer: Optional[str] = None, hf_dataset: Optional[str] = None,
+    opts: Optional[ReadOptions] = None, workers: int = 1, batch_docs: int = DEFAULT_BATCH_DOCS,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS, skip_bad_records: bool = False, overwrite: bool = False,
+    add_bos: bool = False, vocab_size: int = 4096, progress: bool = True, scratch: str = "",
+) -> dict:
     opts = opts or ReadOptions()
     if not inputs and not hf_dataset:
         raise ValueError("no input: give --input (files, globs, URLs or 'embedded') or --hf-dataset")
@@ -337,7 +353,6 @@ def prepare(
     fs, root = fsspec.core.url_to_fs(output)
     local_output = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     fs.makedirs(root, exist_ok=True)
-    tmp_tok = None
     if tokenizer is None:
         if inputs != ["embedded"]:
             raise ValueError("--tokenizer is required (only --input embedded trains its own)")
@@ -347,8 +362,7 @@ def prepare(
             # trained beside the shards (cached across runs), copied into OUTPUT/tokenizer below
             tokenizer = train_tokenizer(S.join(root, EMBEDDED_TOKENIZER_CACHE), vocab_size, max_bytes=opts.embedded_bytes)
         else:
-            tmp_tok = tempfile.mkdtemp(prefix="difftron_tok")
-            tokenizer = train_tokenizer(os.path.join(tmp_tok, "tokenizer"), vocab_size, max_bytes=opts.embedded_bytes)
+            tokenizer = train_tokenizer(os.path.join(scratch, "tokenizer"), vocab_size, max_bytes=opts.embedded_bytes)
     tokenizer = str(tokenizer)
     if not os.path.isdir(tokenizer):
         raise FileNotFoundError(f"--tokenizer: not a directory: {tokenizer}")
@@ -373,12 +387,10 @@ def prepare(
                 f"use another --output or pass --overwrite"
             )
         if old["complete"]:
-            if progress:
-                print(f"{output}: already complete ({old['total_tokens']:,} tokens in {len(old['shards'])} shards); nothing to do")
+            print(f"{output}: already complete ({old['total_tokens']:,} tokens in {len(old['shards'])} shards); nothing to do")
             return old
         manifest = old
-        if progress:
-            print(f"{output}: resuming after {len(old['shards'])} shards ({old['records_consumed']:,} records done)")
+        print(f"{output}: resuming after {len(old['shards'])} shards ({old['records_consumed']:,} records done)")
     elif fs.exists(mpath):
         for path in fs.ls(root, detail=False):
             if Path(path).name.startswith("shard_") or Path(path).name == S.MANIFEST:
@@ -388,7 +400,7 @@ def prepare(
             "format": S.FORMAT, "version": S.VERSION, "kind": kind, "dtype": dtype.str, "vocab_size": vocab,
             "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
             "mask_token_id": tok.mask_token_id, "tokenizer_fingerprint": fingerprint, "tokenizer": S.TOKENIZER_DIR,
-            "tokenizer_source": os.path.abspath(tokenizer) if tmp_tok is None else "embedded", "source": source,
+            "tokenizer_source": "embedded" if inputs == ["embedded"] and not local_output else os.path.abspath(tokenizer), "source": source,
             "shard_tokens": shard_tokens, "shards": [], "records_consumed": 0, "total_tokens": 0,
             "total_documents": 0, "bad_records": 0, "empty_records": 0, "complete": False,
         }
@@ -401,7 +413,7 @@ def prepare(
     from tqdm import tqdm
 
     bar = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress, mininterval=0.5)
-    read = start
+    read, docs_done = start, manifest["total_documents"]
     t0 = time.perf_counter()
     results = _ordered_results(_batches(records, batch_docs, start), workers, tokenizer, opts.sft, add_bos, tok)
     try:
@@ -411,7 +423,8 @@ def prepare(
             writer.add(result, ordinal)
             read = ordinal + n
             bar.update(int(result["lengths"].sum()))
-            bar.set_postfix(docs=manifest["total_documents"], shards=len(manifest["shards"]), refresh=False)
+            docs_done += len(result["lengths"])
+            bar.set_postfix(docs=docs_done, shards=len(manifest["shards"]), refresh=False)
         if manifest["total_documents"] == 0 and not writer.pieces:
             what = ", ".join(inputs) or hf_dataset
             raise ValueError(f"empty input: no documents in {what} ({read} records read, {len(writer.pending_bad)} bad, {len(writer.pending_empty)} empty)")
@@ -419,19 +432,13 @@ def prepare(
     finally:
         results.close()
         bar.close()
-        if tmp_tok is not None:
-            import shutil
-
-            shutil.rmtree(tmp_tok, ignore_errors=True)
     manifest["complete"] = True
     save_manifest(fs, root, manifest)
-    if progress:
-        dt = time.perf_counter() - t0
-        print(
-            f"wrote {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents in "
-            f"{len(manifest['shards'])} shards ({dtype.name}) to {output} in {dt:.1f}s; "
-            f"{manifest['bad_records']} bad and {manifest['empty_records']} empty records skipped"
-        )
+    print(
+        f"wrote {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents in "
+        f"{len(manifest['shards'])} shards ({dtype.name}) to {output} in {time.perf_counter() - t0:.1f}s; "
+        f"{manifest['bad_records']} bad and {manifest['empty_records']} empty records skipped"
+    )
     return manifest
 
 
@@ -458,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard what OUTPUT already holds")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer trained for --input embedded")
     p.add_argument("--embedded-bytes", type=int, default=4_000_000, help="size of the embedded corpus in bytes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is still printed)")
     return p
 
 

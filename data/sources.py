@@ -262,7 +262,7 @@ class ShardCache:
         if os.path.exists(dst) and not force:
             return
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp{threading.get_ident()}"
+        tmp = f"{dst}.tmp{os.getpid()}-{threading.get_ident()}"
         self.fs.get_file(posixpath_join(self.remote, rel), tmp)
         os.replace(tmp, dst)
 

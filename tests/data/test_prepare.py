@@ -208,3 +208,48 @@ def test_embedded_input_trains_its_tokenizer(tmp_path):
     prepare(["embedded"], "memory://emb/out", opts=opts, vocab_size=300, progress=False)
     assert read_docs("memory://emb/out")[0]["total_tokens"] == m["total_tokens"]
     assert fsspec.filesystem("memory").exists("/emb/out/tokenizer/tokenizer.json")
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_process(tmp_path, small_tokenizer):
+    """SIGKILL the CLI after its first shard; rerunning the command completes identically."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(6000, seed=9, min_words=40, max_words=120)])
+    args = ["--input", str(src), "--tokenizer", small_tokenizer, "--shard-tokens", "4000", "--workers", "1",
+            "--batch-docs", "8", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    ref = subprocess.run([sys.executable, "-m", "data.prepare", *args, "--output", str(tmp_path / "ref")],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "data.prepare", *args, "--output", str(out)], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_partial = False
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            m = json.loads((out / "manifest.json").read_text())
+        except (FileNotFoundError, ValueError):
+            m = None
+        if m and m["shards"] and not m["complete"]:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_partial = True
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    assert killed_partial, "the run finished before it could be interrupted"
+    again = subprocess.run([sys.executable, "-m", "data.prepare", *args, "--output", str(out)],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming after" in again.stdout
+    a, b = read_docs(tmp_path / "ref"), read_docs(out)
+    assert [s["sha256"] for s in a[0]["shards"]] == [s["sha256"] for s in b[0]["shards"]]
+    assert a[0]["total_documents"] == b[0]["total_documents"] == 6000

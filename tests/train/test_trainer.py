@@ -96,6 +96,9 @@ def test_demo_loss_falls_clearly(tmp_path, embedded_shards):
     ])
     history = Trainer(cfg).fit()
     assert len(history) == cfg.train.max_steps
-    first = sum(r["loss"] for r in history[:20]) / 20
-    last = sum(r["loss"] for r in history[-20:]) / 20
-    assert last < 0.75 * first, (first, last)
+    losses = [r["loss"] for r in history]
+    early = sum(losses[20:70]) / 50  # after the first fast drop to about the unigram entropy
+    last = sum(losses[-50:]) / 50
+    # from ln(vocab) ~ 8.3 at step 1: a clear fall, and still falling after the first drop
+    assert last < losses[0] - 1.5, (losses[0], last)
+    assert last < early - 0.3, (early, last)
