@@ -290,6 +290,22 @@ def pick_attention(
     return AttentionChoice(min(seconds, key=seconds.get), seconds, unavailable)
 
 
+def choose_attention(name: str, device, shape: tuple[int, int, int, int], *, dtype, **pick_kwargs) -> AttentionChoice:
+    """The kernel a benchmark or run asked for: ``"pick"`` measures the available kernels at
+    ``shape`` (B, H, S, D) and takes the fastest; a name from ``KERNELS`` is taken as is. Raises
+    ValueError (one line) for an unknown name or a kernel that cannot run on ``device``."""
+    if name == "pick":
+        choice = pick_attention(device, shape, dtype=dtype, for_model=True, **pick_kwargs)
+    elif name in KERNELS:
+        choice = AttentionChoice(name)
+    else:
+        raise ValueError(f"--attention must be 'pick' or one of {', '.join(KERNELS)}, got {name!r}")
+    available, unavailable = attention_kernels(device)
+    if choice.name not in available:
+        raise ValueError(f"attention kernel {choice.name!r} is unavailable here: {unavailable.get(choice.name, 'unknown')}")
+    return choice
+
+
 def apply_attention(model: nn.Module, choice: AttentionChoice | str) -> AttentionChoice:
     """Set ``model``'s attention backend for ``choice``; returns the choice (wrap each forward in
     ``choice.context()`` for ``sdpa_*`` kernels). Raises ValueError when ``model.attention`` cannot

@@ -29,10 +29,10 @@ from train.hardware import peak_flops
 from train.performance import (
     KERNELS,
     apply_attention,
+    choose_attention,
     attention_flops,
     attention_kernels,
     compile_blocks,
-    pick_attention,
     resolve_device,
     time_call,
     time_interleaved,
@@ -145,19 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype, b, s, d = DTYPES[size["dtype"]], size["batch"], size["seq"], size["d_model"]
     attn_shape = (b, config.n_heads, s, config.head_dim)
 
-    if args.attention == "pick":
-        choice = pick_attention(device, attn_shape, dtype=dtype, for_model=True, warmup=args.warmup, repeats=args.repeats)
-    elif args.attention in KERNELS:
-        from train.performance import AttentionChoice
-
-        choice = AttentionChoice(args.attention)
-    else:
-        print(f"error: --attention must be 'pick' or one of {', '.join(KERNELS)}, got {args.attention!r}", file=sys.stderr)
-        return 2
-
-    available, unavailable = attention_kernels(device)
-    if choice.name not in available:
-        print(f"error: attention kernel {choice.name!r} is unavailable here: {unavailable.get(choice.name, 'unknown')}", file=sys.stderr)
+    try:
+        choice = choose_attention(args.attention, device, attn_shape, dtype=dtype, warmup=args.warmup, repeats=args.repeats)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     with torch.device(device):
@@ -188,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         time_call(step, device, warmup=1, repeats=1)
     flops = layer_flops(config, b, s)
     gemm, gemm_flops = gemm_step(block, b * s, device=device, dtype=dtype)
-    attn = attention_step(available[choice.name], attn_shape, device=device, dtype=dtype)
+    attn = attention_step(attention_kernels(device)[0][choice.name], attn_shape, device=device, dtype=dtype)
     attn_flops = attention_flops(*attn_shape)["fwd_bwd_model"]
     square = args.square if args.square is not None else (8192 if device.type == "cuda" else 512)
     fns = {"layer": step, "gemm": gemm, "attention": attn}

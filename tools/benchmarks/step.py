@@ -31,11 +31,9 @@ from train.engine import LocalEngine, MicroBatch
 from train.hardware import current_device_name, mfu
 from train.performance import (
     KERNELS,
-    AttentionChoice,
+    choose_attention,
     apply_attention,
-    attention_kernels,
     compile_blocks,
-    pick_attention,
     resolve_device,
     time_call,
 )
@@ -102,17 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seq, mbs, n_mb = size["seq"], size["micro_batch"], size["micro_batches"]
     dtype = torch.bfloat16 if size["precision"] == "bf16" else torch.float32
-    if args.attention == "pick":
-        choice = pick_attention(device, (mbs, config.n_heads, seq, config.head_dim), dtype=dtype, for_model=True)
-    elif args.attention in KERNELS:
-        choice = AttentionChoice(args.attention)
-    else:
-        print(f"error: --attention must be 'pick' or one of {', '.join(KERNELS)}, got {args.attention!r}", file=sys.stderr)
-        return 2
-
-    available, unavailable = attention_kernels(device)
-    if choice.name not in available:
-        print(f"error: attention kernel {choice.name!r} is unavailable here: {unavailable.get(choice.name, 'unknown')}", file=sys.stderr)
+    try:
+        choice = choose_attention(args.attention, device, (mbs, config.n_heads, seq, config.head_dim), dtype=dtype)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     with torch.device(device):  # default nn init on the device: fast at full size
