@@ -1,0 +1,58 @@
+"""`python -m train` under torchrun: TP2 and PP2 runs of the real CLI reproduce the single-process
+losses and grad norms (fp32, relative 5e-5 after 4 steps), including steps trained on a random
+prefix length. The engine-level parity suite (test_parity.py) holds the 1e-5 bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_module
+
+OVERRIDES = [
+    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.mlp_hidden_size=128", "train.seq_len=32", "train.global_batch_size=8",
+    "train.micro_batch_size=2", "train.max_steps=4", "train.warmup_steps=1", "train.decay_steps=0",
+    "train.random_length_prob=0.5", "train.checkpoint_every=0", "logging.log_every=1",
+    "logging.wandb=disabled", "logging.progress_bar=false", "eval.every=0",
+]
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["seq_len"], r["loss"], r["grad_norm"]) for r in records]
+
+
+def torchrun(nproc: int, out, shards, *extra: str):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "train", str(REPO / "configs" / "demo.yaml"), *OVERRIDES,
+        f"train.out_dir={out}", f"data.sources=[{{path: {shards}}}]", *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_tp2_and_pp2_cli_runs_match_single_process(tmp_path, embedded_shards):
+    ref_dir = tmp_path / "single"
+    run_module(["-m", "train", str(REPO / "configs" / "demo.yaml"), *OVERRIDES,
+                f"train.out_dir={ref_dir}", f"data.sources=[{{path: {embedded_shards}}}]"])
+    reference = losses(ref_dir)
+    assert len({length for length, _, _ in reference}) > 1  # a random-length step happened
+    for name, extra in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2", "parallel.zero_stage=1"])):
+        out = tmp_path / name
+        torchrun(2, out, embedded_shards, *extra)
+        got = losses(out)
+        assert [g[0] for g in got] == [r[0] for r in reference], name
+        for (_, loss, norm), (_, ref_loss, ref_norm) in zip(got, reference):
+            # fp32 sums split across ranks round differently; the parity suite bounds engine-level
+            # differences at 1e-5, this end-to-end check (lr 3e-3, 4 steps) allows them to compound
+            assert loss == pytest.approx(ref_loss, rel=5e-5), (name, got, reference)
+            assert norm == pytest.approx(ref_norm, rel=5e-5), (name, got, reference)
+        assert (out / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
