@@ -102,3 +102,12 @@ def test_demo_loss_falls_clearly(tmp_path, embedded_shards):
     # from ln(vocab) ~ 8.3 at step 1: a clear fall, and still falling after the first drop
     assert last < losses[0] - 1.5, (losses[0], last)
     assert last < early - 0.3, (early, last)
+
+
+def test_wandb_offline_is_the_default_and_writes_a_local_run(tmp_path, embedded_shards):
+    cfg = load_config(DEMO, ["train.max_steps=1"], check_paths=False)
+    assert cfg.logging.wandb == "offline"
+    trainer = small_run(tmp_path, embedded_shards, "train.max_steps=1", "logging.wandb=offline")
+    trainer.fit()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, list(tmp_path.iterdir())
