@@ -71,6 +71,9 @@ class TrainConfig:
     keep_last: int = 3
     resume: bool = False  # continue from <out_dir>/checkpoints/latest when there is one
     init_from: Optional[str] = None  # start from these weights (a checkpoint, run dir or converted HF model)
+    # fault tolerance
+    collective_timeout_s: float = 600.0  # a collective waiting longer than this fails (a rank died or hangs)
+    guard_nonfinite: bool = True  # skip the optimizer step when the loss or grad norm is NaN/inf (single-process engine)
 
 
 @dataclass

@@ -41,6 +41,7 @@ class StepOutput:
     loss: float  # the global batch's loss (this engine's share, summed over micro-batches)
     grad_norm: float  # total gradient norm before clipping
     per_sample: torch.Tensor  # [local batch] Σ CE/p_mask of each row (detached, CPU, fp32)
+    skipped: bool = False  # the optimizer step was skipped (non-finite loss or grad norm)
 
 
 def build_optimizer(
@@ -83,8 +84,10 @@ class LocalEngine:
         grad_clip: float,
         precision: str,
         device: torch.device,
+        guard_nonfinite: bool = True,
     ) -> None:
         self.model = model.to(device)
+        self.guard_nonfinite = guard_nonfinite
         self.device = device
         self.precision = precision
         self.grad_clip = grad_clip
@@ -107,9 +110,12 @@ class LocalEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        self.optimizer.step()
+        # one host sync for both checks; a skipped step leaves weights and AdamW state untouched
+        skipped = self.guard_nonfinite and not bool(torch.isfinite(total) & torch.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(float(total), float(grad_norm), torch.cat(per_sample).float().cpu())
+        return StepOutput(float(total), float(grad_norm), torch.cat(per_sample).float().cpu(), skipped)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -135,3 +141,44 @@ class LocalEngine:
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    # ----- layout-independent optimizer state (resharding) ------------------------------------
+    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW state by parameter name, independent of any layout (``ParallelEngine`` writes
+        and reads the same format): ``NAME::exp_avg`` and
+        ``NAME::exp_avg_sq`` (fp32, CPU, the parameter's full shape; zeros before the first step)
+        and ``::step`` (0-d int64, optimizer steps taken)."""
+        out: dict[str, torch.Tensor] = {}
+        step = 0
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = st.get(key)
+                out[f"{name}::{key}"] = (
+                    torch.zeros(p.shape, dtype=torch.float32) if value is None else value.detach().float().cpu().clone()
+                )
+            if "step" in st:
+                step = int(st["step"])
+        out["::step"] = torch.tensor(step, dtype=torch.int64)
+        return out
+
+    def load_full_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the AdamW state from :meth:`full_optimizer_state`'s format (any layout wrote it)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        wanted = ["::step"] + [f"{n}::{k}" for n, _ in named for k in ("exp_avg", "exp_avg_sq")]
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"optimizer state: missing key(s) {', '.join(missing[:5])}")
+        step = torch.tensor(float(int(state["::step"])), dtype=torch.float32)
+        for name, p in named:
+            entry = {"step": step.clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = state[f"{name}::{key}"]
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"optimizer state: {name}::{key} has shape {tuple(value.shape)}, the model {tuple(p.shape)}"
+                    )
+                entry[key] = value.detach().to(device=p.device, dtype=p.dtype).clone()
+            self.optimizer.state[p] = entry

@@ -190,6 +190,106 @@ class ParallelEngine:
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.optimizer_state_dict()
 
+    # ----- layout-independent optimizer state (resharding) ------------------------------------
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW under DeepSpeed's wrapper: the client optimizer itself (ZeRO-0 fp32)
+        or the one stepping the flat fp32 partitions (ZeRO-1/2, bf16)."""
+        opt = self.engine.optimizer
+        return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+    def _ensure_optimizer_state(self) -> None:
+        """Create AdamW's state (step 0, zero moments: what its first step would create) where
+        it does not exist yet, and (re)link DeepSpeed's per-parameter views of the flat ZeRO
+        partitions' state, so it can be read or written before the first step."""
+        base = self._base_optimizer()
+        wrapper = self.engine.optimizer
+        flat = [q for group in base.param_groups for q in group["params"]]
+        flat += list(getattr(wrapper, "fp32_partitioned_groups_flat", []))  # ZeRO-3 sub-groups
+        for q in flat:
+            st = base.state[q]
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+
+    def _local_optimizer_state(self, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+        """This TP shard's fp32 AdamW state ``key``, complete over ZeRO partitions (collective
+        over DP under ZeRO)."""
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            full = safe_get_full_optimizer_state(p, key)
+            return full.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        return self._base_optimizer().state[p][key].detach().float().clone()
+
+    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW state in the layout-independent format of ``LocalEngine.full_optimizer_state``,
+        on every rank: ``NAME::exp_avg`` / ``NAME::exp_avg_sq`` (full fp32 tensors on CPU, TP
+        shards gathered, ZeRO partitions and pipeline stages merged; LLaDA names as in
+        :meth:`model_state_dict`) and ``::step`` (0-d int64). Collective: every rank calls it."""
+        from megatron.core import parallel_state as ps
+
+        self._ensure_optimizer_state()
+        tp_group = ps.get_tensor_model_parallel_group()
+        state: dict[str, torch.Tensor] = {}
+        for layer in self.pm.layers:
+            for name, p in layer.full_named_parameters():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    local = self._local_optimizer_state(p, key).contiguous()
+                    if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
+                        parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
+                        dist.all_gather(parts, local, group=tp_group)
+                        local = torch.cat(parts, dim=p.partition_dim)
+                    state[f"{name}::{key}"] = local.cpu()
+        if self.layout.pp > 1:
+            stages: list = [None] * self.layout.pp
+            dist.all_gather_object(stages, state, group=ps.get_pipeline_model_parallel_group())
+            state = {k: v for stage in stages for k, v in stage.items()}
+        steps = [int(st["step"]) for st in self._base_optimizer().state.values() if "step" in st]
+        step = torch.tensor(max(steps, default=0), dtype=torch.int64, device=self.device)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        state["::step"] = step.cpu()
+        return state
+
+    def load_full_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`full_optimizer_state`'s format (written by any layout or by LocalEngine):
+        each rank slices its TP shard of every moment and writes it into DeepSpeed's fp32
+        partitions (``safe_set_full_optimizer_state``) or the plain AdamW state (ZeRO-0 fp32),
+        and sets every AdamW step counter (and DeepSpeed's ``global_steps``) to ``::step``.
+        Load the weights with :meth:`load_model_state_dict` as well."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        from train.parallelize import full_shape
+
+        named = [(n, p) for layer in self.pm.layers for n, p in layer.full_named_parameters()]
+        wanted = ["::step"] + [f"{n}::{k}" for n, _ in named for k in ("exp_avg", "exp_avg_sq")]
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"optimizer state: missing key(s) {', '.join(missing[:5])}")
+        self._ensure_optimizer_state()
+        base = self._base_optimizer()
+        with torch.no_grad():
+            for name, p in named:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    full = state[f"{name}::{key}"]
+                    shape = p.ds_shape if hasattr(p, "ds_shape") else full_shape(p, self.layout.tp)
+                    if tuple(full.shape) != tuple(shape) and not hasattr(p, "ds_id"):
+                        raise ValueError(
+                            f"optimizer state: {name}::{key} has shape {tuple(full.shape)}, the model {tuple(shape)}"
+                        )
+                    shard = shard_of(full, p, self.layout.tp, self.tp_rank).float().to(self.device)
+                    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                        safe_set_full_optimizer_state(p, shard, key)
+                    else:
+                        base.state[p][key].copy_(shard.reshape(base.state[p][key].shape))
+        step = int(state["::step"])
+        for st in base.state.values():
+            st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+        self.engine.global_steps = step
+
     # ----- DeepSpeed checkpoints (resume in the same layout) -----------------------------------
     def save(self, directory: str) -> None:
         """Save the engine (sharded model + optimizer state) to ``directory`` atomically (a
@@ -223,7 +323,7 @@ class ParallelEngine:
         ps.destroy_model_parallel()
 
 
-def init_distributed(use_cuda: bool) -> None:
+def init_distributed(use_cuda: bool, timeout_s: float | None = None) -> None:
     """Initialize ``torch.distributed`` from torchrun's environment (no-op if already done); a
     plain single process (no ``RANK`` in the environment) becomes a world of one on localhost."""
     import deepspeed
@@ -240,7 +340,10 @@ def init_distributed(use_cuda: bool) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        from datetime import timedelta
+
+        extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False, **extra)
 
 
 def build_parallel_engine(
@@ -260,6 +363,7 @@ def build_parallel_engine(
     activation_checkpointing: str = "none",
     attention_backend: str = "auto",
     model: LLaDAModel | None = None,
+    collective_timeout_s: float | None = None,
 ) -> ParallelEngine:
     """Validate the layout, set up process groups and build the engine on this rank.
 
@@ -275,7 +379,7 @@ def build_parallel_engine(
             "(DeepSpeed's bf16 ZeRO-0 pipeline path is not supported here)"
         )
     use_cuda = torch.cuda.is_available()
-    init_distributed(use_cuda)
+    init_distributed(use_cuda, collective_timeout_s)
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -35,11 +34,11 @@ from model.objective import (
 )
 from train.checkpoint import (
     latest_checkpoint,
+    newest_valid_checkpoint,
     load_model_weights,
     load_training_state,
     read_model_config,
     save_checkpoint,
-    staging_dir,
 )
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import LocalEngine, MicroBatch
@@ -97,6 +96,7 @@ class Trainer:
                 dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed, split="validation",
             )
         self.step = 0
+        self.skipped_steps = 0  # optimizer steps skipped by the non-finite guard (kept in checkpoints)
         if t.resume:
             self._resume()
         elif t.init_from is not None:
@@ -123,7 +123,7 @@ class Trainer:
                 grad_clip=t.grad_clip, precision=t.precision, micro_batch_size=t.micro_batch_size,
                 global_batch_size=t.global_batch_size,
                 activation_checkpointing=t.activation_checkpointing,
-                attention_backend=t.attention_backend,
+                attention_backend=t.attention_backend, collective_timeout_s=t.collective_timeout_s,
             )
         torch.manual_seed(t.seed)
         model = build_model(self.cfg.model, seed=t.seed)
@@ -133,7 +133,7 @@ class Trainer:
             compile_blocks(model)
         return LocalEngine(
             model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.adam_eps,
-            grad_clip=t.grad_clip, precision=t.precision, device=self.device,
+            grad_clip=t.grad_clip, precision=t.precision, device=self.device, guard_nonfinite=t.guard_nonfinite,
         )
 
     def _check_vocabulary(self) -> None:
@@ -152,8 +152,10 @@ class Trainer:
             )
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.out_dir)
+        ckpt = newest_valid_checkpoint(self.out_dir, log=tqdm.write if self.is_logging_rank else (lambda _m: None))
         if ckpt is None:
+            if latest_checkpoint(self.out_dir) is not None:
+                raise ConfigError(f"resume: every checkpoint in {self.out_dir / 'checkpoints'} is damaged (see above)")
             if self.is_logging_rank:
                 tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
             return
@@ -162,26 +164,20 @@ class Trainer:
             diff = [k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v]
             raise ConfigError(f"checkpoint {ckpt} was written for a different model (differs in: {', '.join(diff)})")
         state = load_training_state(ckpt)
-        if hasattr(self.engine, "load"):  # model and sharded optimizer state, same layout
-            if not (ckpt / "engine").is_dir():
-                raise ConfigError(
-                    f"checkpoint {ckpt} has no sharded engine state (it was written by a single-process run); "
-                    "resuming it under a parallel layout is not supported yet, start from its weights with train.init_from"
-                )
-            self.engine.load(str(ckpt / "engine"))
-        else:
-            if (ckpt / "engine").is_dir():
-                raise ConfigError(
-                    f"checkpoint {ckpt} holds sharded optimizer state of a parallel layout; resuming it in a "
-                    "single process is not supported yet, start from its weights with train.init_from"
-                )
-            self.engine.load_model_state_dict(load_model_weights(ckpt)[1])
-            if state["optimizer"] is not None:
-                self.engine.load_optimizer_state_dict(state["optimizer"])
+        if state["optimizer"] is None:
+            raise ConfigError(
+                f"checkpoint {ckpt} has no optimizer state (e.g. it was converted from HF); "
+                f"start from its weights with train.init_from={ckpt} instead of train.resume"
+            )
+        # weights and AdamW moments are stored unsharded under the model's parameter names, so a
+        # checkpoint of any layout resumes in any other layout
+        self.engine.load_model_state_dict(load_model_weights(ckpt)[1])
+        self.engine.load_full_optimizer_state(state["optimizer"])
         self.loader.load_state_dict(state["trainer"]["loader"])
         if state["rng"] is not None:
             torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["trainer"]["step"])
+        self.skipped_steps = int(state["trainer"].get("skipped_steps", 0))
         if self.is_logging_rank:
             tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
 
@@ -229,6 +225,13 @@ class Trainer:
         )
         out = self.engine.train_step(mbs, lr)
         elapsed = time.perf_counter() - start
+        if getattr(out, "skipped", False):
+            self.skipped_steps += 1
+            if self.is_logging_rank:
+                tqdm.write(
+                    f"guard: step {step + 1} skipped (loss {out.loss}, grad norm {out.grad_norm} not finite); "
+                    f"{self.skipped_steps} skipped so far"
+                )
         self.step += 1
         values = {
             "loss": out.loss,
@@ -238,6 +241,7 @@ class Trainer:
             "tokens_per_s": t.global_batch_size * length / elapsed,
             "step_time_s": elapsed,
             "mem_gb": peak_memory_gb(self.device),
+            "skipped_steps": self.skipped_steps,
         }
         if self.device.type == "cuda":  # MFU only on GPUs, from the bidirectional FLOP count
             values["mfu"] = mfu(
@@ -279,29 +283,21 @@ class Trainer:
 
     # ----- checkpoints and signals ------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (collective: every rank must call it)."""
-        distributed = dist.is_available() and dist.is_initialized()
-        model_state = self.engine.model_state_dict()  # gathers the full weights in parallel layouts
-        staging = None
-        if hasattr(self.engine, "save"):  # sharded optimizer state: every rank writes its part
-            staging = staging_dir(self.out_dir, self.step)
-            if self.is_logging_rank:
-                if staging.exists():
-                    shutil.rmtree(staging)
-                staging.mkdir(parents=True)
-            if distributed:
-                dist.barrier()
-            self.engine.save(str(staging / "engine"))
+        """Write a checkpoint of the current step (collective: every rank must call it).
+
+        The weights and the AdamW state are gathered into full, unsharded tensors named like the
+        single-device model's parameters, so the checkpoint resumes in any parallel layout."""
+        model_state = self.engine.model_state_dict()
+        optimizer_state = self.engine.full_optimizer_state()
         path = None
         if self.is_logging_rank:
             path = save_checkpoint(
-                self.out_dir, self.step, model_state=model_state,
-                optimizer_state=None if staging is not None else self.engine.optimizer_state_dict(),
-                trainer_state={"loader": self.loader.state_dict()}, config_yaml=to_yaml(self.cfg),
-                tokenizer_dir=self.loader.tokenizer_path, keep_last=self.cfg.train.keep_last,
-                staging=staging,
+                self.out_dir, self.step, model_state=model_state, optimizer_state=optimizer_state,
+                trainer_state={"loader": self.loader.state_dict(), "skipped_steps": self.skipped_steps},
+                config_yaml=to_yaml(self.cfg), tokenizer_dir=self.loader.tokenizer_path,
+                keep_last=self.cfg.train.keep_last,
             )
-        if distributed:
+        if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return path
 
@@ -343,6 +339,16 @@ class Trainer:
             if self.is_logging_rank:
                 tqdm.write(f"done: step {self.step}, checkpoint {path}")
             return history
+        except RuntimeError as e:  # torch.distributed.DistBackendError is a RuntimeError
+            if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
+                raise
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RuntimeError(
+                f"rank {dist.get_rank()}: a collective failed at step {self.step + 1} ({first}); likely cause: another "
+                f"rank died or was killed (check the other ranks' logs and exit codes), or the ranks disagree on "
+                f"the layout/config; waits longer than train.collective_timeout_s={self.cfg.train.collective_timeout_s} "
+                "fail. Relaunch with train.resume=true to continue from the last checkpoint"
+            ) from e
         finally:
             if bar is not None:
                 bar.close()

@@ -56,3 +56,39 @@ def test_tp2_and_pp2_cli_runs_match_single_process(tmp_path, embedded_shards):
             assert loss == pytest.approx(ref_loss, rel=5e-5), (name, got, reference)
             assert norm == pytest.approx(ref_norm, rel=5e-5), (name, got, reference)
         assert (out / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+
+
+def stopped_copy(run_dir, dest, step: int):
+    """A run folder holding only the checkpoint of ``step`` of ``run_dir``: the run "stopped" there."""
+    import shutil
+
+    name = f"step_{step:08d}"
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+    (dest / "checkpoints" / "latest").write_text(name)
+    return dest
+
+
+@pytest.mark.slow
+def test_resume_changes_layout(tmp_path, embedded_shards):
+    """A single-process checkpoint resumes as TP2, and a DP2 ZeRO-2 checkpoint resumes in one
+    process: the next steps equal the uninterrupted run's (weights and AdamW state both move)."""
+    ckpt = ["train.checkpoint_every=2", "train.keep_last=5"]
+    single = tmp_path / "single"
+    run_module(["-m", "train", str(REPO / "configs" / "demo.yaml"), *OVERRIDES, *ckpt,
+                f"train.out_dir={single}", f"data.sources=[{{path: {embedded_shards}}}]"])
+    as_tp2 = stopped_copy(single, tmp_path / "as_tp2", 2)
+    torchrun(2, as_tp2, embedded_shards, "parallel.tp=2", "train.resume=true", *ckpt)
+
+    dp2 = tmp_path / "dp2"
+    torchrun(2, dp2, embedded_shards, "parallel.zero_stage=2", *ckpt)
+    as_single = stopped_copy(dp2, tmp_path / "as_single", 2)
+    run_module(["-m", "train", str(REPO / "configs" / "demo.yaml"), *OVERRIDES, *ckpt, "train.resume=true",
+                f"train.out_dir={as_single}", f"data.sources=[{{path: {embedded_shards}}}]"])
+
+    for resumed, uninterrupted in ((as_tp2, single), (as_single, dp2)):
+        got, want = losses(resumed), losses(uninterrupted)[2:]
+        assert len(got) == 2 and [g[0] for g in got] == [w[0] for w in want]
+        for (_, loss, norm), (_, ref_loss, ref_norm) in zip(got, want):
+            assert loss == pytest.approx(ref_loss, rel=5e-5), (resumed.name, got, want)
+            assert norm == pytest.approx(ref_norm, rel=5e-5), (resumed.name, got, want)

@@ -1,0 +1,156 @@
+"""torchrun worker for the resharding suite (launched by tests/distributed/test_reshard.py).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 reshard_worker.py OUT.json CASE [CASE ...]
+
+A case ``A-to-B[_nostate]`` names two layouts, each ``local`` (LocalEngine: TP1, PP1, DP1) or
+``tp{T}_pp{P}_z{Z}`` (ParallelEngine; dp = world / (T·P)). Layout A trains K=2 steps; its full
+weights (``model_state_dict``) and full optimizer state (``full_optimizer_state``) are taken;
+A then goes on one more step (the uninterrupted run). Layout B is built from scratch (other
+initial weights), loads both and trains that same step. Reported: relative differences of the
+step's loss and grad norm, the largest absolute weight difference after it (B vs uninterrupted
+A), and how far A's full optimizer state after K steps is from LocalEngine's (relative to the
+tensor's largest value). ``_nostate`` loads zero moments instead (a control: the weights must
+then differ). Rank 0 writes ``{case: {metric: worst value over ranks}}`` to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from model.llada import build_model  # noqa: E402
+from parity_worker import G, MBS, OPT, SEED, lr_at, rel, split, step_batch, tiny_config  # noqa: E402
+from train.engine import LocalEngine  # noqa: E402
+
+K = 2  # steps before the layout change; step K is taken after it
+OTHER_SEED = 7
+
+
+class Runner:
+    """One engine in one layout, fed the rows of its data-parallel rank."""
+
+    def __init__(self, layout: str, config, world: int, seed: int) -> None:
+        self.layout = layout
+        if layout == "local":
+            self.engine = LocalEngine(build_model(config, seed), lr=1e-2, precision="fp32", device=torch.device("cpu"), **OPT)
+            self.rows = range(G)
+            return
+        from train.layout import ParallelConfig
+        from train.parallel_engine import build_parallel_engine
+
+        m = re.fullmatch(r"tp(\d)_pp(\d)_z(\d)", layout)
+        if not m:
+            raise ValueError(f"bad layout {layout}")
+        self.engine = build_parallel_engine(
+            config, ParallelConfig(tp=int(m[1]), pp=int(m[2]), zero_stage=int(m[3])), world_size=world,
+            seed=seed, lr=1e-2, precision="fp32", micro_batch_size=MBS, global_batch_size=G, **OPT,
+        )
+        per_dp = G // self.engine.dp_size
+        self.rows = range(self.engine.dp_rank * per_dp, (self.engine.dp_rank + 1) * per_dp)
+
+    def step(self, step: int, config):
+        return self.engine.train_step(split(step_batch(step, config), self.rows, MBS), lr_at(step))
+
+    def close(self) -> None:
+        if self.layout != "local":
+            self.engine.close()
+
+
+def state_distance(a: dict, b: dict) -> float:
+    if set(a) != set(b):
+        raise AssertionError(f"optimizer state keys differ: {sorted(set(a) ^ set(b))[:5]}")
+    worst = 0.0
+    for k, v in b.items():
+        if k == "::step":
+            if int(a[k]) != int(v):
+                return float("inf")
+            continue
+        worst = max(worst, float((a[k] - v).abs().max()) / max(float(v.abs().max()), 1e-30))
+    return worst
+
+
+def run_case(name: str, world: int, config, ref_state: dict) -> dict:
+    m = re.fullmatch(r"(\w+?)-to-(\w+?)(_nostate)?", name)
+    if not m:
+        raise ValueError(f"bad case name {name}")
+    a = Runner(m[1], config, world, SEED)
+    for step in range(K):
+        a.step(step, config)
+    # cloned: LocalEngine's CPU state dict aliases the live parameters
+    weights = {k: v.clone() for k, v in a.engine.model_state_dict().items()}
+    opt = a.engine.full_optimizer_state()
+    res = {"state": state_distance(opt, ref_state), "step_count": int(opt["::step"])}
+    want = a.step(K, config)
+    want_weights = a.engine.model_state_dict()
+    a.close()
+    if m[3]:
+        opt = {k: v if k == "::step" else torch.zeros_like(v) for k, v in opt.items()}
+    b = Runner(m[2], config, world, OTHER_SEED)
+    b.engine.load_model_state_dict(weights)
+    b.engine.load_full_optimizer_state(opt)
+    got = b.step(K, config)
+    got_weights = b.engine.model_state_dict()
+    b.close()
+    res["loss"] = rel(got.loss, want.loss)
+    res["norm"] = rel(got.grad_norm, want.grad_norm)
+    res["weights"] = max(float((got_weights[k] - v).abs().max()) for k, v in want_weights.items())
+    return res
+
+
+def main() -> int:
+    out_path, cases = sys.argv[1], sys.argv[2:]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(CUDA_DEVICE_MAX_CONNECTIONS|Transformer Engine|Apex).*")
+    from train.parallel_engine import init_distributed
+
+    init_distributed(use_cuda=False)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    config = tiny_config()
+    ref = Runner("local", config, world, SEED)
+    for step in range(K):
+        ref.step(step, config)
+    ref_state = ref.engine.full_optimizer_state()
+    results = {}
+    for case in cases:
+        try:
+            results[case] = run_case(case, world, config, ref_state)
+        except Exception as exc:  # report, and keep the other ranks in step as far as possible
+            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+            print(f"[rank {rank}] {case}: {results[case]['trace']}", file=sys.stderr, flush=True)
+            break
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        merged = {}
+        for case in cases:
+            per_rank = [g.get(case) for g in gathered]
+            if any(r is None for r in per_rank):
+                merged[case] = {"error": "not run (an earlier case failed)"}
+                continue
+            errors = [r["error"] for r in per_rank if "error" in r]
+            merged[case] = {"error": errors[0]} if errors else {
+                k: max(r[k] for r in per_rank) for k in ("loss", "norm", "weights", "state", "step_count")
+            }
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=1)
+        os.replace(tmp, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
