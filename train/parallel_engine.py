@@ -134,27 +134,34 @@ class ParallelEngine:
                 return full.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         return p.detach().float().clone()
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full single-device state dict (LLaDA names, fp32, CPU) on every rank: TP shards
-        gathered along their partition dims, pipeline stages and ZeRO partitions merged.
-        Collective: every rank must call it."""
+    def _gather_full(self, local_tensors) -> dict[str, torch.Tensor]:
+        """Full single-device tensors assembled from every rank. ``local_tensors(name, p)`` gives
+        ``(key, this rank's tensor)`` pairs for parameter ``p``; TP shards are all-gathered along
+        ``p.partition_dim`` and the pipeline stages' dicts merged. Collective."""
         from megatron.core import parallel_state as ps
 
         tp_group = ps.get_tensor_model_parallel_group()
         state: dict[str, torch.Tensor] = {}
         for layer in self.pm.layers:
             for name, p in layer.full_named_parameters():
-                local = self._local_fp32(p).contiguous()
-                if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
-                    parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
-                    dist.all_gather(parts, local, group=tp_group)
-                    local = torch.cat(parts, dim=p.partition_dim)
-                state[name] = local.cpu()
+                for key, local in local_tensors(name, p):
+                    local = local.contiguous()
+                    if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
+                        parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
+                        dist.all_gather(parts, local, group=tp_group)
+                        local = torch.cat(parts, dim=p.partition_dim)
+                    state[key] = local.cpu()
         if self.layout.pp > 1:
             stages: list = [None] * self.layout.pp
             dist.all_gather_object(stages, state, group=ps.get_pipeline_model_parallel_group())
             state = {k: v for stage in stages for k, v in stage.items()}
         return state
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full single-device state dict (LLaDA names, fp32, CPU) on every rank: TP shards
+        gathered along their partition dims, pipeline stages and ZeRO partitions merged.
+        Collective: every rank must call it."""
+        return self._gather_full(lambda name, p: [(name, self._local_fp32(p))])
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load full single-device weights: each rank copies its shard into the module and into
@@ -230,24 +237,10 @@ class ParallelEngine:
         on every rank: ``NAME::exp_avg`` / ``NAME::exp_avg_sq`` (full fp32 tensors on CPU, TP
         shards gathered, ZeRO partitions and pipeline stages merged; LLaDA names as in
         :meth:`model_state_dict`) and ``::step`` (0-d int64). Collective: every rank calls it."""
-        from megatron.core import parallel_state as ps
-
         self._ensure_optimizer_state()
-        tp_group = ps.get_tensor_model_parallel_group()
-        state: dict[str, torch.Tensor] = {}
-        for layer in self.pm.layers:
-            for name, p in layer.full_named_parameters():
-                for key in ("exp_avg", "exp_avg_sq"):
-                    local = self._local_optimizer_state(p, key).contiguous()
-                    if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
-                        parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
-                        dist.all_gather(parts, local, group=tp_group)
-                        local = torch.cat(parts, dim=p.partition_dim)
-                    state[f"{name}::{key}"] = local.cpu()
-        if self.layout.pp > 1:
-            stages: list = [None] * self.layout.pp
-            dist.all_gather_object(stages, state, group=ps.get_pipeline_model_parallel_group())
-            state = {k: v for stage in stages for k, v in stage.items()}
+        state = self._gather_full(
+            lambda name, p: [(f"{name}::{key}", self._local_optimizer_state(p, key)) for key in ("exp_avg", "exp_avg_sq")]
+        )
         steps = [int(st["step"]) for st in self._base_optimizer().state.values() if "step" in st]
         step = torch.tensor(max(steps, default=0), dtype=torch.int64, device=self.device)
         dist.all_reduce(step, op=dist.ReduceOp.MAX)
