@@ -69,6 +69,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (GPU fast path; single-process engine)
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 3
+    async_save: bool = False  # write checkpoints in a background thread once the state is copied to CPU
     resume: bool = False  # continue from <out_dir>/checkpoints/latest when there is one
     init_from: Optional[str] = None  # start from these weights (a checkpoint, run dir or converted HF model)
     # fault tolerance

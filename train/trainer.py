@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from train.checkpoint import (
     load_training_state,
     read_model_config,
     save_checkpoint,
+    step_dir_name,
 )
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import LocalEngine, MicroBatch
@@ -69,6 +71,7 @@ class Trainer:
         # Install the preemption handlers first: a SIGTERM/SIGUSR1 that arrives during setup
         # (the launchers ignore USR1 until here) is then honoured after the first step.
         self.stop_signal: int | None = None
+        self._save_thread: _SaveThread | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -289,17 +292,36 @@ class Trainer:
         single-device model's parameters, so the checkpoint resumes in any parallel layout."""
         model_state = self.engine.model_state_dict()
         optimizer_state = self.engine.full_optimizer_state()
+        self.wait_for_save()  # at most one checkpoint in flight
         path = None
         if self.is_logging_rank:
-            path = save_checkpoint(
-                self.out_dir, self.step, model_state=model_state, optimizer_state=optimizer_state,
+            kwargs = dict(
+                model_state=model_state, optimizer_state=optimizer_state,
                 trainer_state={"loader": self.loader.state_dict(), "skipped_steps": self.skipped_steps},
                 config_yaml=to_yaml(self.cfg), tokenizer_dir=self.loader.tokenizer_path,
                 keep_last=self.cfg.train.keep_last,
             )
+            if self.cfg.train.async_save:
+                # snapshot the tensors (CPU copies may alias the live weights), then write in the
+                # background while training continues; `latest` moves only when the write is done
+                for key in ("model_state", "optimizer_state"):
+                    kwargs[key] = {k: v.detach().clone() for k, v in kwargs[key].items()}
+                self._save_thread = _SaveThread(self.out_dir, self.step, kwargs)
+                self._save_thread.start()
+                path = self.out_dir / "checkpoints" / step_dir_name(self.step)
+            else:
+                path = save_checkpoint(self.out_dir, self.step, **kwargs)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return path
+
+    def wait_for_save(self) -> None:
+        """Block until a background checkpoint write has finished; re-raise its error if any."""
+        thread, self._save_thread = self._save_thread, None
+        if thread is not None:
+            thread.join()
+            if thread.error is not None:
+                raise thread.error
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum
@@ -330,12 +352,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if self._stop_requested():
                     path = self.save()
+                    self.wait_for_save()
                     if self.is_logging_rank:
                         tqdm.write(f"signal {self.stop_signal}: saved {path} at step {self.step}; exiting")
                     return history
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save()
             path = self.save()
+            self.wait_for_save()
             if self.is_logging_rank:
                 tqdm.write(f"done: step {self.step}, checkpoint {path}")
             return history
@@ -353,6 +377,22 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+
+
+class _SaveThread(threading.Thread):
+    """Writes one checkpoint in the background (``train.async_save``); keeps any error for
+    ``Trainer.wait_for_save`` to re-raise."""
+
+    def __init__(self, out_dir: Path, step: int, kwargs: dict) -> None:
+        super().__init__(name=f"save-step-{step}", daemon=False)
+        self.out_dir, self.step, self.kwargs = out_dir, step, kwargs
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            save_checkpoint(self.out_dir, self.step, **self.kwargs)
+        except BaseException as e:  # re-raised in the training thread
+            self.error = e
 
 
 def _plain_config(cfg: RunConfig) -> dict:

@@ -111,3 +111,23 @@ def test_wandb_offline_is_the_default_and_writes_a_local_run(tmp_path, embedded_
     trainer.fit()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, list(tmp_path.iterdir())
+
+
+def test_async_save_writes_the_same_checkpoints(tmp_path, embedded_shards):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("false", "true"):
+        out = tmp_path / f"async_{mode}"
+        small_run(out, embedded_shards, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_last=5",
+                  f"train.async_save={mode}").fit()
+        runs[mode] = out
+    names = [p.name for p in list_checkpoints(runs["false"])]
+    assert names == [p.name for p in list_checkpoints(runs["true"])] == ["step_00000001", "step_00000002", "step_00000003"]
+    for name in names:
+        a = load_file(runs["false"] / "checkpoints" / name / "model.safetensors")
+        b = load_file(runs["true"] / "checkpoints" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # each snapshot is of its own step
+        oa = torch.load(runs["false"] / "checkpoints" / name / "optimizer.pt", weights_only=True)
+        ob = torch.load(runs["true"] / "checkpoints" / name / "optimizer.pt", weights_only=True)
+        assert all(torch.equal(oa[k], ob[k]) for k in oa), name
