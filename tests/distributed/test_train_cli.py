@@ -92,3 +92,19 @@ def test_resume_changes_layout(tmp_path, embedded_shards):
         for (_, loss, norm), (_, ref_loss, ref_norm) in zip(got, want):
             assert loss == pytest.approx(ref_loss, rel=5e-5), (resumed.name, got, want)
             assert norm == pytest.approx(ref_norm, rel=5e-5), (resumed.name, got, want)
+
+
+@pytest.mark.slow
+def test_resume_in_the_same_parallel_layout(tmp_path, embedded_shards):
+    """DP2 ZeRO-2 and PP2 runs stopped at step 2 and resumed in their own layout continue exactly."""
+    ckpt = ["train.checkpoint_every=2", "train.keep_last=5"]
+    for name, layout in (("dp2_zero2", ["parallel.zero_stage=2"]), ("pp2", ["parallel.pp=2", "parallel.zero_stage=1"])):
+        full = tmp_path / name
+        torchrun(2, full, embedded_shards, *layout, *ckpt)
+        resumed = stopped_copy(full, tmp_path / f"{name}_resumed", 2)
+        torchrun(2, resumed, embedded_shards, *layout, *ckpt, "train.resume=true")
+        got, want = losses(resumed), losses(full)[2:]
+        assert len(got) == 2 and [g[0] for g in got] == [w[0] for w in want], name
+        for (_, loss, norm), (_, ref_loss, ref_norm) in zip(got, want):
+            assert loss == pytest.approx(ref_loss, rel=1e-6), (name, got, want)
+            assert norm == pytest.approx(ref_norm, rel=1e-6), (name, got, want)
