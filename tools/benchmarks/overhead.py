@@ -81,6 +81,7 @@ def difftron_trainer(model, config: ModelConfig, args, loader: MemoryBatches) ->
     trainer.world_size = 1
     trainer.device = torch.device("cpu")
     trainer.step = 0
+    trainer.skipped_steps = 0
     trainer.loader = loader
     trainer.engine = LocalEngine(
         model, lr=OPT["lr"], weight_decay=OPT["weight_decay"], betas=OPT["betas"], eps=OPT["eps"],
