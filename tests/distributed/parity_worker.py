@@ -131,6 +131,32 @@ def run_case(name: str, world: int, config: ModelConfig, refs: dict) -> dict:
     return res
 
 
+def run_cases(cases: list[str], run) -> dict:
+    """Run ``run(case)`` for each case on every rank (stopping at the first error, reported) and
+    gather the results. Every rank returns case -> the list of per-rank results, or
+    ``{"error": ...}`` when a case failed on some rank or was not reached."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for case in cases:
+        try:
+            results[case] = run(case)
+        except Exception as exc:  # report, and keep the other ranks in step as far as possible
+            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+            print(f"[rank {rank}] {case}: {results[case]['trace']}", file=sys.stderr, flush=True)
+            break
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, results)
+    merged: dict = {}
+    for case in cases:
+        per_rank = [g.get(case) for g in gathered]
+        if any(r is None for r in per_rank):
+            merged[case] = {"error": "not run (an earlier case failed)"}
+            continue
+        errors = [r["error"] for r in per_rank if "error" in r]
+        merged[case] = {"error": errors[0]} if errors else per_rank
+    return merged
+
+
 def main() -> int:
     out_path, cases = sys.argv[1], sys.argv[2:]
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's c10d renames used by megatron
@@ -144,26 +170,10 @@ def main() -> int:
     refs = {SEED: reference(config, SEED)}
     if any("_load" in c for c in cases):
         refs[OTHER_SEED] = reference(config, OTHER_SEED)
-    results = {}
-    for case in cases:
-        try:
-            results[case] = run_case(case, world, config, refs)
-        except Exception as exc:  # report, and keep the other ranks in step as far as possible
-            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-            print(f"[rank {rank}] {case}: {results[case]['trace']}", file=sys.stderr, flush=True)
-            break
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, results)
+    merged = run_cases(cases, lambda case: run_case(case, world, config, refs))
     if rank == 0:
-        merged = {}
-        for case in cases:
-            per_rank = [g.get(case) for g in gathered]
-            if any(r is None for r in per_rank):
-                merged[case] = {"error": "not run (an earlier case failed)"}
-                continue
-            errors = [r["error"] for r in per_rank if "error" in r]
-            if errors:
-                merged[case] = {"error": errors[0]}
+        for case, per_rank in merged.items():
+            if "error" in per_rank:
                 continue
             merged[case] = {k: max(r[k] for r in per_rank) for k in ("loss", "norm", "rows", "eval", "weights")}
             merged[case]["same_on_all_ranks"] = all(

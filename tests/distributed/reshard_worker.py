@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sys
-import traceback
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model.llada import build_model  # noqa: E402
-from parity_worker import G, MBS, OPT, SEED, lr_at, rel, split, step_batch, tiny_config  # noqa: E402
+from parity_worker import G, MBS, OPT, SEED, lr_at, rel, run_cases, split, step_batch, tiny_config  # noqa: E402
 from train.engine import LocalEngine  # noqa: E402
 
 K = 2  # steps before the layout change; step K is taken after it
@@ -122,27 +121,11 @@ def main() -> int:
     for step in range(K):
         ref.step(step, config)
     ref_state = ref.engine.full_optimizer_state()
-    results = {}
-    for case in cases:
-        try:
-            results[case] = run_case(case, world, config, ref_state)
-        except Exception as exc:  # report, and keep the other ranks in step as far as possible
-            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-            print(f"[rank {rank}] {case}: {results[case]['trace']}", file=sys.stderr, flush=True)
-            break
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, results)
+    merged = run_cases(cases, lambda case: run_case(case, world, config, ref_state))
     if rank == 0:
-        merged = {}
-        for case in cases:
-            per_rank = [g.get(case) for g in gathered]
-            if any(r is None for r in per_rank):
-                merged[case] = {"error": "not run (an earlier case failed)"}
-                continue
-            errors = [r["error"] for r in per_rank if "error" in r]
-            merged[case] = {"error": errors[0]} if errors else {
-                k: max(r[k] for r in per_rank) for k in ("loss", "norm", "weights", "state", "step_count")
-            }
+        for case, per_rank in merged.items():
+            if "error" not in per_rank:
+                merged[case] = {k: max(r[k] for r in per_rank) for k in ("loss", "norm", "weights", "state", "step_count")}
         tmp = out_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(merged, f, indent=1)

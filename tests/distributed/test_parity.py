@@ -50,19 +50,24 @@ FOUR_RANKS = [
 EIGHT_RANKS = ["tp2_pp2_z1"]  # TP2×PP2×DP2
 
 
-def launch(nproc: int, cases: list[str], tmp_path) -> dict:
-    out = tmp_path / f"parity{nproc}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PARITY_TMP=str(tmp_path))
+def launch_worker(worker: str, nproc: int, cases: list[str], tmp_path, env_extra: dict | None = None) -> dict:
+    """Run ``tests/distributed/<worker>`` under torchrun with ``nproc`` ranks; return its JSON."""
+    out = tmp_path / f"{worker.removesuffix('_worker.py')}{nproc}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **(env_extra or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        os.path.join(HERE, "parity_worker.py"), str(out), *cases,
+        os.path.join(HERE, worker), str(out), *cases,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout + proc.stderr)[-4000:]
         pytest.fail(f"torchrun with {nproc} ranks failed (rc={proc.returncode}):\n{tail}")
     return json.loads(out.read_text())
+
+
+def launch(nproc: int, cases: list[str], tmp_path) -> dict:
+    return launch_worker("parity_worker.py", nproc, cases, tmp_path, {"PARITY_TMP": str(tmp_path)})
 
 
 def check(result: dict, case: str) -> None:

@@ -10,16 +10,15 @@ DP1); ``tp{T}_pp{P}_z{Z}`` is ParallelEngine with dp = world / (T·P).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.distributed.test_parity import launch_worker
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 REL_TOL, WEIGHT_TOL, STATE_TOL = 1e-5, 1e-5, 1e-4
 
 TWO_RANKS = [
@@ -40,18 +39,7 @@ CONTROL = "tp2_pp1_z0-to-local_nostate"
 
 
 def launch(nproc: int, cases: list[str], tmp_path) -> dict:
-    out = tmp_path / f"reshard{nproc}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        os.path.join(HERE, "reshard_worker.py"), str(out), *cases,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        pytest.fail(f"torchrun with {nproc} ranks failed (rc={proc.returncode}):\n{tail}")
-    return json.loads(out.read_text())
+    return launch_worker("reshard_worker.py", nproc, cases, tmp_path)
 
 
 def check(result: dict, case: str) -> None:
