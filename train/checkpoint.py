@@ -215,6 +215,11 @@ def load_model_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
     return read_model_config(ckpt), load_file(weights)
 
 
+def load_training_state_json(ckpt: Path) -> dict:
+    """Only ``state.json`` of a checkpoint (step, data position, guard state)."""
+    return json.loads((ckpt / "state.json").read_text())
+
+
 def load_training_state(ckpt: Path) -> dict:
     """Optimizer state, trainer state and RNG of a checkpoint (no untrusted pickle)."""
     state = json.loads((ckpt / "state.json").read_text())

@@ -1,6 +1,6 @@
 """The typed run configuration: YAML files plus ``key=value`` overrides, validated at start.
 
-A run config has six sections, each a dataclass owned by what it configures:
+A run config has seven sections, each a dataclass owned by what it configures:
 
     model:    model.config.ModelConfig   (LLaDA's HF key names)
     train:    TrainConfig                (steps, batch, optimizer, schedule, objective, checkpoints)
@@ -8,6 +8,7 @@ A run config has six sections, each a dataclass owned by what it configures:
     parallel: train.layout.ParallelConfig (tp, pp, zero_stage, ...)
     logging:  LoggingConfig              (console, metrics.jsonl, wandb)
     eval:     EvalConfig                 (in-training evaluation of the bound)
+    guard:    train.guards.GuardConfig   (non-finite and loss-spike guards, rollback)
 
 In a YAML file, ``model:`` may be a path to a model YAML (relative to the file, or to the current
 directory), e.g. ``model: model/tiny.yaml``. Unknown keys, wrong types and impossible values fail
@@ -27,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import DataConfig
 from model.attention import BACKENDS as ATTENTION_BACKENDS
 from model.config import ModelConfig
+from train.guards import GuardConfig
 from train.layout import ParallelConfig
 
 
@@ -74,7 +76,6 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from these weights (a checkpoint, run dir or converted HF model)
     # fault tolerance
     collective_timeout_s: float = 600.0  # a collective waiting longer than this fails (a rank died or hangs)
-    guard_nonfinite: bool = True  # skip the optimizer step when the loss or grad norm is NaN/inf (single-process engine)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -41,7 +41,8 @@ class StepOutput:
     loss: float  # the global batch's loss (this engine's share, summed over micro-batches)
     grad_norm: float  # total gradient norm before clipping
     per_sample: torch.Tensor  # [local batch] Σ CE/p_mask of each row (detached, CPU, fp32)
-    skipped: bool = False  # the optimizer step was skipped (non-finite loss or grad norm)
+    skipped: bool = False  # the optimizer step was skipped (vetoed by the gate)
+    skip_reason: str | None = None  # the gate's reason ("nonfinite", "spike", ...) when skipped
 
 
 def build_optimizer(
@@ -84,16 +85,17 @@ class LocalEngine:
         grad_clip: float,
         precision: str,
         device: torch.device,
-        guard_nonfinite: bool = True,
     ) -> None:
         self.model = model.to(device)
-        self.guard_nonfinite = guard_nonfinite
         self.device = device
         self.precision = precision
         self.grad_clip = grad_clip
         self.optimizer = build_optimizer(self.model, lr, weight_decay, betas, eps)
 
-    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepOutput:
+    def train_step(self, micro_batches: list[MicroBatch], lr: float, gate=None) -> StepOutput:
+        """One optimizer step. ``gate`` (a ``train.guards.StepGate``, optional) is asked after
+        backward and clipping, before the update; when it returns a reason the update is skipped:
+        weights and AdamW state (incl. its step count) stay as they were, gradients are zeroed."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -110,12 +112,16 @@ class LocalEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        # one host sync for both checks; a skipped step leaves weights and AdamW state untouched
-        skipped = self.guard_nonfinite and not bool(torch.isfinite(total) & torch.isfinite(grad_norm))
-        if not skipped:
+        loss, norm = (float(v) for v in torch.stack([total, grad_norm.double()]).cpu())  # one host sync
+        rows = torch.cat(per_sample).float().cpu()
+        reason = None
+        if gate is not None:
+            weights = torch.cat([mb.row_weight for mb in micro_batches])
+            reason = gate.decide(loss, norm, gate.row_stats(rows, weights))
+        if reason is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(float(total), float(grad_norm), torch.cat(per_sample).float().cpu(), skipped)
+        return StepOutput(loss, norm, rows, reason is not None, reason)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[MicroBatch]) -> torch.Tensor:

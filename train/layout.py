@@ -148,9 +148,10 @@ class ParallelLayout:
         bounds[-1] += 1  # the head
         return bounds
 
-    def initialize_process_groups(self) -> None:
+    def initialize_process_groups(self, timeout_s: float | None = None) -> None:
         """Create megatron-core's TP/PP/DP groups (needs ``torch.distributed`` initialized) and
-        check that they agree with :meth:`coordinates`. Re-initializes if groups exist."""
+        check that they agree with :meth:`coordinates`. Re-initializes if groups exist.
+        ``timeout_s``: how long a collective on these groups may wait (megatron's default: 30 min)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -161,8 +162,9 @@ class ParallelLayout:
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
+        extra = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60.0}
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp
+            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp, **extra
         )
         mine = (
             ps.get_pipeline_model_parallel_rank(),

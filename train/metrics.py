@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -64,3 +65,28 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+class EventLog:
+    """Guard and fault events (skipped steps, rollbacks, damaged checkpoints, preemption): one
+    JSON object per event in ``<out_dir>/events.jsonl`` (appending across relaunches) and a
+    console line, on the logging rank."""
+
+    def __init__(self, out_dir: str, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "events.jsonl"
+
+    def write(self, event: str, *, console: str | None = None, **fields) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": event, "time": time.time(), **clean}) + "\n")
+        if console:
+            tqdm.write(console)
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -9,8 +9,10 @@ DeepSpeed), megatron-core's groups and the DeepSpeed engine, and returns a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,8 +20,21 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.llada import LLaDAModel
 from train.engine import MicroBatch, StepOutput
+from train.guards import reason_code, reason_name
 from train.layout import ParallelConfig, ParallelLayout
 from train.parallelize import ParallelModel, parallelize, shard_of
+
+
+@dataclass
+class _GateContext:
+    """One step's gate and what it decided (see ``ParallelEngine.train_step``)."""
+
+    gate: object | None
+    n_rows: int
+    row_weight: torch.Tensor
+    decided: bool = False
+    reason: str | None = None
+    results: tuple[float, torch.Tensor] | None = None
 
 
 class ParallelEngine:
@@ -40,6 +55,8 @@ class ParallelEngine:
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.is_logging_rank = dist.get_rank() == 0
         self._pipe_shape: tuple | None = None
+        self._step_ctx: _GateContext | None = None
+        self._install_gate()
 
     # ----- steps ------------------------------------------------------------------------------
     def _check_count(self, micro_batches: list[MicroBatch]) -> None:
@@ -83,28 +100,83 @@ class ParallelEngine:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepOutput:
+    def train_step(self, micro_batches: list[MicroBatch], lr: float, gate=None) -> StepOutput:
         """One optimizer step over this DP rank's micro-batches. Returns the global loss, the
         global grad norm before clipping and this DP rank's per-row masked CE sums (the same on
-        all TP/PP peers)."""
+        all TP/PP peers).
+
+        ``gate`` (a ``train.guards.StepGate``, optional) is asked once per step on every rank,
+        when DeepSpeed has reduced the gradients and computed the grad norm but before the AdamW
+        update (:meth:`_gated_step` wraps the torch optimizer's ``step``, which every DeepSpeed
+        path -- ZeRO-0/1/2/3, bf16, the pipeline schedule -- calls last); its verdict is
+        all-reduced (MAX) over all ranks, and a veto skips the update everywhere. When DeepSpeed
+        itself discards the step (a non-finite norm under fp32 ZeRO) the gate is asked after it."""
         self._check_count(micro_batches)
         self._set_lr(lr)
         self.pm.loss.reset(scale=float(self.layout.grad_accum_steps * self.dp_size))
         n_rows = sum(mb.input_ids.shape[0] for mb in micro_batches)
-        if self.layout.pp > 1:
-            self.engine.train_batch(data_iter=iter(self._pipe_data(micro_batches)))
-        else:
-            self.engine.train()
-            for mb in micro_batches:
-                mb = mb.to(self.device)
-                logits = self.engine(mb.input_ids)
-                loss = self.pm.loss(logits, (mb.targets, mb.masked, mb.p_mask, mb.row_weight))
-                self.engine.backward(loss)
-                self.engine.step()
-        total, rows = self._gather_results(n_rows, reduce_dp=True)
+        ctx = _GateContext(gate, n_rows, torch.cat([mb.row_weight for mb in micro_batches]).cpu())
+        self._step_ctx = ctx
+        try:
+            if self.layout.pp > 1:
+                self.engine.train_batch(data_iter=iter(self._pipe_data(micro_batches)))
+            else:
+                self.engine.train()
+                for mb in micro_batches:
+                    mb = mb.to(self.device)
+                    logits = self.engine(mb.input_ids)
+                    loss = self.pm.loss(logits, (mb.targets, mb.masked, mb.p_mask, mb.row_weight))
+                    self.engine.backward(loss)
+                    self.engine.step()
+        finally:
+            self._step_ctx = None
+        applied = getattr(self.engine, "was_step_applied", lambda: True)()
+        if gate is not None and not ctx.decided:  # DeepSpeed skipped the update before asking
+            self._decide(ctx)
+        total, rows = ctx.results if ctx.results is not None else self._gather_results(n_rows, reduce_dp=True)
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        return StepOutput(loss=total, grad_norm=norm, per_sample=rows)
+        reason = ctx.reason
+        if reason is None and not applied:
+            reason = "nonfinite"  # DeepSpeed's own overflow check discarded the step
+        return StepOutput(loss=total, grad_norm=norm, per_sample=rows, skipped=reason is not None, skip_reason=reason)
+
+    # ----- the veto point ---------------------------------------------------------------------
+    def _install_gate(self) -> None:
+        base = self._base_optimizer()
+        original = base.step
+
+        def gated_step(*args, **kwargs):
+            ctx = self._step_ctx
+            if ctx is not None and ctx.gate is not None:
+                if not ctx.decided:
+                    self._decide(ctx)
+                if ctx.reason is not None:
+                    return None  # no update: weights, moments and the AdamW step count stay
+            return original(*args, **kwargs)
+
+        base.step = gated_step  # called per parameter group / ZeRO sub-group; decided once
+
+    def _current_grad_norm(self) -> float:
+        """The global grad norm DeepSpeed computed for this step (before its clipping)."""
+        opt = self.engine.optimizer
+        norm = None if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "_global_grad_norm", None)
+        if norm is None:  # ZeRO-0 fp32: recorded by parallelize's model-parallel clipping
+            norm = self.engine._global_grad_norm
+        return float("nan") if norm is None else float(norm)
+
+    def _decide(self, ctx: "_GateContext") -> None:
+        """Global loss, bucket sums and grad norm -> the gate's verdict, agreed by all ranks. Collective."""
+        from megatron.core import parallel_state as ps
+
+        total, rows = self._gather_results(ctx.n_rows, reduce_dp=True)
+        stats = ctx.gate.row_stats(rows, ctx.row_weight).to(self.device)
+        if self.dp_size > 1:
+            dist.all_reduce(stats, group=ps.get_data_parallel_group())
+        reason = ctx.gate.decide(total, self._current_grad_norm(), stats.cpu())
+        code = torch.tensor([reason_code(reason)], device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)  # one rank's veto is every rank's
+        ctx.results, ctx.reason, ctx.decided = (total, rows), reason_name(int(code.item())), True
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -316,6 +388,31 @@ class ParallelEngine:
         ps.destroy_model_parallel()
 
 
+@contextlib.contextmanager
+def default_group_timeout(timeout_s: float | None):
+    """Process groups created inside get ``timeout_s`` instead of torch's default (30 min):
+    DeepSpeed's pipeline topology calls ``dist.new_group(ranks)`` without a timeout. Sets torch's
+    module defaults (``distributed_c10d.default_pg_timeout`` / ``default_pg_nccl_timeout``, present
+    in torch 2.11-2.13) for the duration; a no-op when they are missing or ``timeout_s`` is None."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    names = [n for n in ("default_pg_timeout", "default_pg_nccl_timeout") if hasattr(c10d, n)]
+    if timeout_s is None or not names:
+        yield
+        return
+    saved = {n: getattr(c10d, n) for n in names}
+    try:
+        for n in names:
+            if saved[n] is not None:
+                setattr(c10d, n, timedelta(seconds=timeout_s))
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(c10d, n, v)
+
+
 def init_distributed(use_cuda: bool, timeout_s: float | None = None) -> None:
     """Initialize ``torch.distributed`` from torchrun's environment (no-op if already done); a
     plain single process (no ``RANK`` in the environment) becomes a world of one on localhost."""
@@ -378,19 +475,20 @@ def build_parallel_engine(
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    layout.initialize_process_groups()
-    parallel_model = parallelize(
-        model if model is not None else model_config,
-        layout,
-        seed=seed,
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=betas,
-        eps=eps,
-        grad_clip=grad_clip,
-        precision=precision,
-        activation_checkpointing=activation_checkpointing,
-        attention_backend=attention_backend,
-        device=device,
-    )
+    layout.initialize_process_groups(collective_timeout_s)
+    with default_group_timeout(collective_timeout_s):  # DeepSpeed's own (pipeline) groups
+        parallel_model = parallelize(
+            model if model is not None else model_config,
+            layout,
+            seed=seed,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=betas,
+            eps=eps,
+            grad_clip=grad_clip,
+            precision=precision,
+            activation_checkpointing=activation_checkpointing,
+            attention_backend=attention_backend,
+            device=device,
+        )
     return ParallelEngine(parallel_model, precision)

@@ -8,13 +8,23 @@ One step, as data (see the README's architecture section):
    layout; 1 % of steps train on a random prefix length;
 3. the engine (single process, or DeepSpeed/megatron-core for a parallel layout) runs forward,
    loss, backward over the micro-batches, clips and steps; the WSD schedule sets the rate;
-4. metrics are logged on the logging rank; every N steps a checkpoint is written atomically.
+4. the step guard (``train.guards``) may veto the update: a non-finite loss or grad norm, or a
+   loss spike for the step's t-mix, skips it on every rank; K vetoed steps in a row roll the run
+   back to the last checkpoint from before them, and their data window is never trained on;
+5. metrics are logged on the logging rank (guard events also to ``events.jsonl``); every N steps
+   a checkpoint is written atomically.
+
+Optimizer steps and data steps: ``self.step`` counts optimizer steps (it sets the learning rate;
+a vetoed step still counts); ``self.data_step`` is the next batch of the loader (it keys the
+batch, the noise and the random length). They are equal until a rollback makes the run skip a
+window of data steps (``self.skip_windows``).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import threading
 import time
@@ -35,17 +45,21 @@ from model.objective import (
 )
 from train.checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
+    load_training_state_json,
     newest_valid_checkpoint,
     load_model_weights,
     load_training_state,
     read_model_config,
     save_checkpoint,
     step_dir_name,
+    verify_checkpoint,
 )
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import LocalEngine, MicroBatch
+from train.guards import StepGuard
 from train.hardware import current_device_name, mfu
-from train.metrics import MetricsLogger
+from train.metrics import EventLog, MetricsLogger
 from train.performance import compile_blocks
 from train.schedule import wsd_lr
 
@@ -98,8 +112,7 @@ class Trainer:
                 cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                 dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed, split="validation",
             )
-        self.step = 0
-        self.skipped_steps = 0  # optimizer steps skipped by the non-finite guard (kept in checkpoints)
+        self.init_run_state()
         if t.resume:
             self._resume()
         elif t.init_from is not None:
@@ -111,6 +124,19 @@ class Trainer:
         )
 
     # ----- setup ------------------------------------------------------------------------------
+    def init_run_state(self) -> None:
+        """The loop's counters, the step guard and the event log (from ``cfg``, ``out_dir``,
+        ``is_logging_rank``); a checkpoint restore overwrites them."""
+        self.step = 0  # optimizer steps taken (vetoed ones included)
+        self.data_step = 0  # the loader's next batch (before skip windows are applied)
+        self.skip_windows: list[list[int]] = []  # [start, end) data steps never trained on (rollbacks)
+        self.guard = StepGuard(self.cfg.guard)
+        self.guard_counts = {"nonfinite": 0, "spike": 0, "rollbacks": 0}  # kept in checkpoints
+        self.bad_streak = 0  # vetoed steps in a row
+        self.bad_streak_start: int | None = None  # data step of the first of them
+        self.rollbacks_here = 0  # rollbacks in this process (guard.max_rollbacks)
+        self.events = EventLog(str(self.out_dir), enabled=self.is_logging_rank)
+
     def _build_engine(self):
         t = self.cfg.train
         p = self.cfg.parallel
@@ -136,7 +162,7 @@ class Trainer:
             compile_blocks(model)
         return LocalEngine(
             model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.adam_eps,
-            grad_clip=t.grad_clip, precision=t.precision, device=self.device, guard_nonfinite=t.guard_nonfinite,
+            grad_clip=t.grad_clip, precision=t.precision, device=self.device,
         )
 
     def _check_vocabulary(self) -> None:
@@ -154,14 +180,28 @@ class Trainer:
                 f"({tok.mask_token_id}, {tok.mask_token!r}) in {self.loader.tokenizer_path}"
             )
 
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps vetoed by the guard (non-finite or spike), over the whole run."""
+        return self.guard_counts["nonfinite"] + self.guard_counts["spike"]
+
     def _resume(self) -> None:
-        ckpt = newest_valid_checkpoint(self.out_dir, log=tqdm.write if self.is_logging_rank else (lambda _m: None))
+        def log(message: str) -> None:
+            self.events.write("checkpoint_damaged", step=self.step, message=message, console=message)
+
+        ckpt = newest_valid_checkpoint(self.out_dir, log=log)
         if ckpt is None:
             if latest_checkpoint(self.out_dir) is not None:
                 raise ConfigError(f"resume: every checkpoint in {self.out_dir / 'checkpoints'} is damaged (see above)")
             if self.is_logging_rank:
                 tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
             return
+        self._restore(ckpt)
+        if self.is_logging_rank:
+            tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
+
+    def _restore(self, ckpt: Path) -> None:
+        """Load weights, AdamW state, data position, RNG, guard statistics and counters. Collective."""
         saved = read_model_config(ckpt)
         if saved != self.cfg.model:
             diff = [k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v]
@@ -179,10 +219,15 @@ class Trainer:
         self.loader.load_state_dict(state["trainer"]["loader"])
         if state["rng"] is not None:
             torch.set_rng_state(state["rng"]["torch"])
-        self.step = int(state["trainer"]["step"])
-        self.skipped_steps = int(state["trainer"].get("skipped_steps", 0))
-        if self.is_logging_rank:
-            tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
+        trainer = state["trainer"]
+        self.step = int(trainer["step"])
+        self.data_step = int(trainer.get("data_step", self.step))
+        self.skip_windows = [list(map(int, w)) for w in trainer.get("skip_windows", [])]
+        if "guard" in trainer:
+            self.guard.load_state_dict(trainer["guard"])
+        counts = trainer.get("guard_counts", {"nonfinite": int(trainer.get("skipped_steps", 0))})
+        self.guard_counts = {k: int(counts.get(k, 0)) for k in ("nonfinite", "spike", "rollbacks")}
+        self.bad_streak, self.bad_streak_start = 0, None
 
     def _init_from(self, path: str) -> None:
         cfg, weights = load_model_weights(path)
@@ -213,38 +258,56 @@ class Trainer:
             mbs.append(MicroBatch(noisy[sl], ids[sl], masked[sl], noise.p_mask[sl], row_weight[sl].float()))
         return mbs, noise.t
 
+    def next_data_step(self, data_step: int) -> int:
+        """The first data step at or after ``data_step`` outside every skip window."""
+        moved = True
+        while moved:
+            moved = False
+            for start, end in self.skip_windows:
+                if start <= data_step < end:
+                    data_step, moved = end, True
+        return data_step
+
     def train_step(self) -> dict:
         t = self.cfg.train
         step = self.step
+        data_step = self.next_data_step(self.data_step)
         start = time.perf_counter()
-        batch = self.loader.batch(step)
+        batch = self.loader.batch(data_step)
         if t.objective == "sft" and "prompt_lengths" not in batch:
             raise ConfigError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
-        length = t.seq_len if t.objective == "sft" else random_length(t.seed, step, t.seq_len, t.random_length_prob)
-        mbs, times = self.micro_batches(batch, step, seed=t.seed, length=length)
+        length = t.seq_len if t.objective == "sft" else random_length(t.seed, data_step, t.seq_len, t.random_length_prob)
+        mbs, times = self.micro_batches(batch, data_step, seed=t.seed, length=length)
         lr = wsd_lr(
             step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
             drop_lr=t.drop_lr, decay_steps=t.decay_steps, final_lr=t.final_lr,
         )
-        out = self.engine.train_step(mbs, lr)
+        gate = self.guard.gate(times, judge_spikes=length == t.seq_len)
+        out = self.engine.train_step(mbs, lr, gate=gate)
         elapsed = time.perf_counter() - start
-        if getattr(out, "skipped", False):
-            self.skipped_steps += 1
-            if self.is_logging_rank:
-                tqdm.write(
-                    f"guard: step {step + 1} skipped (loss {out.loss}, grad norm {out.grad_norm} not finite); "
-                    f"{self.skipped_steps} skipped so far"
-                )
+        self.data_step = data_step + 1
         self.step += 1
+        verdict = gate.verdict
+        if out.skipped:
+            self._on_skip(out, verdict, data_step)
+        else:
+            self.bad_streak, self.bad_streak_start = 0, None
+            if gate.stats is not None and length == t.seq_len:
+                self.guard.observe(gate.stats)
         values = {
             "loss": out.loss,
             "lr": lr,
             "grad_norm": out.grad_norm,
             "seq_len": length,
+            "data_step": data_step,
             "tokens_per_s": t.global_batch_size * length / elapsed,
             "step_time_s": elapsed,
             "mem_gb": peak_memory_gb(self.device),
             "skipped_steps": self.skipped_steps,
+            "skipped_nonfinite": self.guard_counts["nonfinite"],
+            "skipped_spike": self.guard_counts["spike"],
+            "rollbacks": self.guard_counts["rollbacks"],
+            "spike_z": verdict.z if verdict is not None else float("nan"),
         }
         if self.device.type == "cuda":  # MFU only on GPUs, from the bidirectional FLOP count
             values["mfu"] = mfu(
@@ -253,6 +316,89 @@ class Trainer:
             )
         values.update(self._bucket_losses(times, out.per_sample, length))
         return values
+
+    def _on_skip(self, out, verdict, data_step: int) -> None:
+        """Count and log a vetoed step; start or extend the bad streak."""
+        reason = out.skip_reason or "nonfinite"
+        kind = "spike" if reason == "spike" else "nonfinite"
+        self.guard_counts[kind] += 1
+        if self.bad_streak == 0:
+            self.bad_streak_start = data_step
+        self.bad_streak += 1
+        z = verdict.z if verdict is not None else float("nan")
+        detail = f"loss {out.loss:.6g}, grad norm {out.grad_norm:.6g}"
+        if reason == "spike":
+            detail += f", z {z:.1f} > {self.cfg.guard.spike_z:g} (worst t-bucket {verdict.worst_bucket})"
+        self.events.write(
+            "skip", step=self.step, data_step=data_step, reason=reason, loss=out.loss, grad_norm=out.grad_norm,
+            z=z, bad_streak=self.bad_streak, console=(
+                f"guard: step {self.step} skipped ({reason}: {detail}); {self.skipped_steps} skipped so far, "
+                f"{self.bad_streak} in a row"
+            ),
+        )
+
+    def rollback_due(self) -> bool:
+        k = self.cfg.guard.rollback_after
+        return k > 0 and self.bad_streak >= k
+
+    def _rollback_target(self, before_data_step: int) -> Path | None:
+        """The newest undamaged checkpoint written before data step ``before_data_step`` was trained."""
+        for ckpt in reversed(list_checkpoints(self.out_dir)):
+            try:
+                trainer = load_training_state_json(ckpt)
+            except (OSError, ValueError):
+                continue
+            if int(trainer.get("data_step", trainer.get("step", 0))) <= before_data_step and verify_checkpoint(ckpt) is None:
+                return ckpt
+        return None
+
+    def rollback(self) -> None:
+        """Go back to the last checkpoint from before the bad streak; never train on the streak's
+        data window again. Every rank calls it at the same step (the verdicts are agreed)."""
+        g = self.cfg.guard
+        window = [int(self.bad_streak_start), int(self.data_step)]
+        self.wait_for_save()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the logging rank's checkpoint files are complete
+        target = self._rollback_target(window[0])
+        where = f"{self.bad_streak} skipped steps in a row (data steps {window[0]}..{window[1] - 1})"
+        if target is None:
+            raise RuntimeError(
+                f"guard: {where} and no checkpoint from before them in {self.out_dir / 'checkpoints'} to roll back "
+                "to; stopping (see events.jsonl). Lower the learning rate, check the data, or set "
+                "train.checkpoint_every so that there is one"
+            )
+        if self.rollbacks_here >= g.max_rollbacks:
+            raise RuntimeError(
+                f"guard: {where} after {self.rollbacks_here} rollbacks already (guard.max_rollbacks={g.max_rollbacks}); "
+                "stopping: the run keeps diverging (see events.jsonl)"
+            )
+        from_step = self.step
+        counts, windows = dict(self.guard_counts), self.skip_windows + [window]
+        self._restore(target)
+        self.guard_counts = counts
+        self.guard_counts["rollbacks"] += 1
+        self.rollbacks_here += 1
+        self.skip_windows = sorted(windows)
+        if self.is_logging_rank:  # the abandoned timeline's checkpoints must not be resumed
+            for ckpt in list_checkpoints(self.out_dir):
+                if ckpt.name > target.name:
+                    shutil.rmtree(ckpt, ignore_errors=True)
+            latest = self.out_dir / "checkpoints" / "latest"
+            latest.write_text(target.name)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        # re-save the target with the new skip window, so a crash before the next checkpoint
+        # resumes without walking into the window again
+        self.save()
+        self.wait_for_save()
+        self.events.write(
+            "rollback", step=from_step, to_step=self.step, checkpoint=target.name, skip_window=window,
+            console=(
+                f"guard: {where}: rolled back from step {from_step} to {target.name}; data steps "
+                f"{window[0]}..{window[1] - 1} will be skipped ({self.guard_counts['rollbacks']} rollback(s) so far)"
+            ),
+        )
 
     def _bucket_losses(self, times: torch.Tensor, per_sample: torch.Tensor, length: int) -> dict:
         """Mean per-token loss by t-bucket over the whole global batch."""
@@ -297,7 +443,7 @@ class Trainer:
         if self.is_logging_rank:
             kwargs = dict(
                 model_state=model_state, optimizer_state=optimizer_state,
-                trainer_state={"loader": self.loader.state_dict(), "skipped_steps": self.skipped_steps},
+                trainer_state=self._trainer_state(),
                 config_yaml=to_yaml(self.cfg), tokenizer_dir=self.loader.tokenizer_path,
                 keep_last=self.cfg.train.keep_last,
             )
@@ -314,6 +460,15 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return path
+
+    def _trainer_state(self) -> dict:
+        loader = self.loader.state_dict()
+        loader["next_step"] = self.data_step
+        return {
+            "loader": loader, "data_step": self.data_step, "skip_windows": self.skip_windows,
+            "skipped_steps": self.skipped_steps, "guard_counts": dict(self.guard_counts),
+            "guard": self.guard.state_dict(),
+        }
 
     def wait_for_save(self) -> None:
         """Block until a background checkpoint write has finished; re-raise its error if any."""
@@ -342,6 +497,14 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 values = self.train_step()
+                if self.rollback_due():
+                    history.append({"step": self.step, **values})
+                    self.metrics.log(self.step, values, console=False)
+                    self.rollback()
+                    if bar is not None:
+                        bar.n = self.step
+                        bar.refresh()
+                    continue
                 if self.val_loader is not None and self.step % self.cfg.eval.every == 0:
                     values["eval_bound"] = self.evaluate()
                 history.append({"step": self.step, **values})
@@ -353,8 +516,10 @@ class Trainer:
                 if self._stop_requested():
                     path = self.save()
                     self.wait_for_save()
-                    if self.is_logging_rank:
-                        tqdm.write(f"signal {self.stop_signal}: saved {path} at step {self.step}; exiting")
+                    self.events.write(
+                        "preempted", step=self.step, signal=int(self.stop_signal), checkpoint=str(path),
+                        console=f"signal {self.stop_signal}: saved {path} at step {self.step}; exiting",
+                    )
                     return history
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save()
@@ -368,15 +533,33 @@ class Trainer:
                 raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RuntimeError(
-                f"rank {dist.get_rank()}: a collective failed at step {self.step + 1} ({first}); likely cause: another "
-                f"rank died or was killed (check the other ranks' logs and exit codes), or the ranks disagree on "
-                f"the layout/config; waits longer than train.collective_timeout_s={self.cfg.train.collective_timeout_s} "
-                "fail. Relaunch with train.resume=true to continue from the last checkpoint"
+                f"rank {dist.get_rank()}: a collective failed at step {self.step + 1} ({first}); "
+                f"{likely_cause(first)}; waits longer than train.collective_timeout_s="
+                f"{self.cfg.train.collective_timeout_s} fail. Relaunch with train.resume=true to continue from "
+                "the last checkpoint"
             ) from e
         finally:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+
+
+def likely_cause(error: str) -> str:
+    """What a failed collective most likely means, from the backend's error text."""
+    text = error.lower()
+    if "timed out" in text or "timeout" in text:
+        return (
+            "likely cause: another rank stopped taking part (hung, stuck in I/O, much slower) or died "
+            "without closing its connections; check the other ranks' logs and exit codes"
+        )
+    if any(k in text for k in ("connection closed", "connection reset", "broken pipe", "peer", "socket closed")):
+        return "likely cause: another rank died or was killed (check the other ranks' logs and exit codes)"
+    if any(k in text for k in ("size", "shape", "mismatch", "count")):
+        return "likely cause: the ranks disagree on the layout or config (tensor sizes differ between ranks)"
+    return (
+        "likely cause: another rank died or was killed (check the other ranks' logs and exit codes), or "
+        "the ranks disagree on the layout/config"
+    )
 
 
 class _SaveThread(threading.Thread):

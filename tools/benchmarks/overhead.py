@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 import cProfile
 import io
 import math
 import pstats
 import statistics
+from pathlib import Path
 import sys
 import time
 
@@ -80,8 +82,9 @@ def difftron_trainer(model, config: ModelConfig, args, loader: MemoryBatches) ->
     trainer.cfg = cfg
     trainer.world_size = 1
     trainer.device = torch.device("cpu")
-    trainer.step = 0
-    trainer.skipped_steps = 0
+    trainer.out_dir = Path("runs/bench-overhead")  # nothing is written there
+    trainer.is_logging_rank = False  # no event files
+    trainer.init_run_state()
     trainer.loader = loader
     trainer.engine = LocalEngine(
         model, lr=OPT["lr"], weight_decay=OPT["weight_decay"], betas=OPT["betas"], eps=OPT["eps"],
