@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     from train.config import ConfigError, load_config
+    from train.guards import GuardError
 
     try:
         cfg = load_config(argv[0], argv[1:])
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except GuardError as e:  # the run diverged and cannot roll back: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

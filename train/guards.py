@@ -28,6 +28,10 @@ from dataclasses import dataclass
 import torch
 
 
+class GuardError(RuntimeError):
+    """The run cannot go on: K bad steps in a row with nothing to roll back to, or too many rollbacks."""
+
+
 REASONS = ("nonfinite", "spike")  # veto reasons, in increasing precedence when ranks disagree
 
 

@@ -57,7 +57,7 @@ from train.checkpoint import (
 )
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import LocalEngine, MicroBatch
-from train.guards import StepGuard
+from train.guards import GuardError, StepGuard
 from train.hardware import current_device_name, mfu
 from train.metrics import EventLog, MetricsLogger
 from train.performance import compile_blocks
@@ -363,13 +363,13 @@ class Trainer:
         target = self._rollback_target(window[0])
         where = f"{self.bad_streak} skipped steps in a row (data steps {window[0]}..{window[1] - 1})"
         if target is None:
-            raise RuntimeError(
+            raise GuardError(
                 f"guard: {where} and no checkpoint from before them in {self.out_dir / 'checkpoints'} to roll back "
                 "to; stopping (see events.jsonl). Lower the learning rate, check the data, or set "
                 "train.checkpoint_every so that there is one"
             )
         if self.rollbacks_here >= g.max_rollbacks:
-            raise RuntimeError(
+            raise GuardError(
                 f"guard: {where} after {self.rollbacks_here} rollbacks already (guard.max_rollbacks={g.max_rollbacks}); "
                 "stopping: the run keeps diverging (see events.jsonl)"
             )
@@ -528,6 +528,8 @@ class Trainer:
             if self.is_logging_rank:
                 tqdm.write(f"done: step {self.step}, checkpoint {path}")
             return history
+        except GuardError:
+            raise
         except RuntimeError as e:  # torch.distributed.DistBackendError is a RuntimeError
             if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
                 raise

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 guard_worker.py OUT.json SHARDS RUN_ROOT CASE [CASE ...]
 
-Each case is a layout (``dp2_z1``, ``dp2_z2``, ``dp2_z3``, ``tp2``, ``pp2``) in which the real
+Each case is a layout (``dp2_z1``, ``dp2_z2``, ``dp2_z3``, ``tp2``, ``pp2``, ``dp2_z1_bf16``) in which the real
 ``Trainer`` runs 10 optimizer steps with the faults of :func:`inject`: a NaN at data step 2, a
 spike seen by rank 1 alone at data step 4 (the ranks must agree to skip it), and real loss spikes
 at data steps 6 and 7 (K=2 in a row: roll back to the step-6 checkpoint and skip data steps
@@ -41,6 +41,7 @@ LAYOUTS = {
     "dp2_z3": ["parallel.zero_stage=3"],
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2"],
+    "dp2_z1_bf16": ["parallel.zero_stage=1", "train.precision=bf16"],  # DeepSpeed's BF16_Optimizer
 }
 NAN_AT, VETO_AT, SPIKES_AT = 2, 4, (6, 7)  # data steps (0-based)
 

@@ -15,6 +15,7 @@ import torch
 from tests.train.test_trainer import small_run
 from train.checkpoint import MANIFEST, list_checkpoints, load_model_weights, newest_valid_checkpoint, save_checkpoint, verify_checkpoint
 from train.engine import StepOutput
+from train.guards import GuardError
 
 
 def _tiny_checkpoint(out_dir, step):
@@ -195,7 +196,7 @@ def test_k_bad_steps_with_no_checkpoint_to_roll_back_to_stop_with_a_clear_error(
         return mbs, times
 
     trainer.micro_batches = two_nans
-    with pytest.raises(RuntimeError, match=r"guard: 2 skipped steps in a row \(data steps 1\.\.2\) and no checkpoint"):
+    with pytest.raises(GuardError, match=r"guard: 2 skipped steps in a row \(data steps 1\.\.2\) and no checkpoint"):
         trainer.fit()
 
 
