@@ -25,7 +25,6 @@ The memory model (all arithmetic in small pure functions below; GB = 1e9 bytes):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path

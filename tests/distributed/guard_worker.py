@@ -13,7 +13,6 @@ loss, grad norm, counters), the events (rank 0) and a checksum of the final weig
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -89,7 +88,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=".*(CUDA_DEVICE_MAX_CONNECTIONS|Transformer Engine|Apex).*")
     import torch.distributed as dist
 
-    from parity_worker import run_cases
+    from parity_worker import finish, run_cases
     from train.config import load_config
     from train.parallel_engine import init_distributed
     from train.trainer import Trainer
@@ -109,13 +108,7 @@ def main() -> int:
         finally:
             trainer.engine.close()
 
-    merged = run_cases(cases, run)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(merged, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(out_path, run_cases(cases, run))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,18 @@ def run_cases(cases: list[str], run) -> dict:
     return merged
 
 
+def finish(out_path: str, merged: dict) -> int:
+    """Rank 0 writes ``merged`` to ``out_path`` atomically; every rank leaves the process group."""
+    if dist.get_rank() == 0:
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=1)
+        os.replace(tmp, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
 def main() -> int:
     out_path, cases = sys.argv[1], sys.argv[2:]
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's c10d renames used by megatron
@@ -182,13 +194,7 @@ def main() -> int:
             merged[case]["losses"] = per_rank[0]["losses"]
             merged[case]["norms"] = per_rank[0]["norms"]
         merged["_reference"] = {"losses": refs[SEED]["losses"], "norms": refs[SEED]["norms"]}
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(merged, f, indent=1)
-        os.replace(tmp, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(out_path, merged)
 
 
 if __name__ == "__main__":

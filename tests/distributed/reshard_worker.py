@@ -15,7 +15,6 @@ then differ). Rank 0 writes ``{case: {metric: worst value over ranks}}`` to OUT.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model.llada import build_model  # noqa: E402
-from parity_worker import G, MBS, OPT, SEED, lr_at, rel, run_cases, split, step_batch, tiny_config  # noqa: E402
+from parity_worker import G, MBS, OPT, SEED, finish, lr_at, rel, run_cases, split, step_batch, tiny_config  # noqa: E402
 from train.engine import LocalEngine  # noqa: E402
 
 K = 2  # steps before the layout change; step K is taken after it
@@ -126,13 +125,7 @@ def main() -> int:
         for case, per_rank in merged.items():
             if "error" not in per_rank:
                 merged[case] = {k: max(r[k] for r in per_rank) for k in ("loss", "norm", "weights", "state", "step_count")}
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(merged, f, indent=1)
-        os.replace(tmp, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(out_path, merged)
 
 
 if __name__ == "__main__":

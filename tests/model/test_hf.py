@@ -146,7 +146,7 @@ def padded_inputs(config: ModelConfig, batch: int = 3, seq: int = 19, seed: int 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_exported_logits_equal_training_model(tmp_path, n_kv_heads):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = tiny_model_config(n_kv_heads=n_kv_heads, rope_theta=10000.0)
     out, reference = export(tmp_path, config)

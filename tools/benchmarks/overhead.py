@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 import cProfile
 import io
 import math
 import pstats
 import statistics
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
