@@ -135,8 +135,9 @@ class LocalEngine:
         return torch.cat(rows)
 
     # ----- state ------------------------------------------------------------------------------
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights in the model's (LLaDA HF-prefix-free) names, on CPU."""
+    def model_state_dict(self, only_rank0: bool = False) -> dict[str, torch.Tensor]:
+        """Full weights in the model's (LLaDA HF-prefix-free) names, on CPU (``only_rank0``: the
+        parallel engine's switch; one process is rank 0)."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -149,7 +150,7 @@ class LocalEngine:
         self.optimizer.load_state_dict(state)
 
     # ----- layout-independent optimizer state (resharding) ------------------------------------
-    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
+    def full_optimizer_state(self, only_rank0: bool = False) -> dict[str, torch.Tensor]:
         """AdamW state by parameter name, independent of any layout (``ParallelEngine`` writes
         and reads the same format): ``NAME::exp_avg`` and
         ``NAME::exp_avg_sq`` (fp32, CPU, the parameter's full shape; zeros before the first step)

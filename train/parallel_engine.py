@@ -206,34 +206,52 @@ class ParallelEngine:
                 return full.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         return p.detach().float().clone()
 
-    def _gather_full(self, local_tensors) -> dict[str, torch.Tensor]:
+    def _gather_full(self, local_tensors, only_rank0: bool = False) -> dict[str, torch.Tensor]:
         """Full single-device tensors assembled from every rank. ``local_tensors(name, p)`` gives
-        ``(key, this rank's tensor)`` pairs for parameter ``p``; TP shards are all-gathered along
-        ``p.partition_dim`` and the pipeline stages' dicts merged. Collective."""
+        ``(key, this rank's tensor)`` pairs for parameter ``p``; TP shards are gathered along
+        ``p.partition_dim`` and the pipeline stages' dicts merged. Collective: every rank calls it.
+
+        ``only_rank0``: only global rank 0 receives the result (the others return ``{}``): TP
+        shards go to the TP group's first rank of data-parallel replica 0 only, one tensor at a
+        time, and the stage dicts to rank 0, so no other rank holds more than its stage's share
+        (what a checkpoint save needs; the default gives every rank everything)."""
         from megatron.core import parallel_state as ps
 
         tp_group = ps.get_tensor_model_parallel_group()
+        receives = not only_rank0 or (self.dp_rank == 0 and self.tp_rank == 0)
+        replica0 = not only_rank0 or self.dp_rank == 0
         state: dict[str, torch.Tensor] = {}
         for layer in self.pm.layers:
             for name, p in layer.full_named_parameters():
-                for key, local in local_tensors(name, p):
+                for key, local in local_tensors(name, p):  # collective over DP under ZeRO: every rank
                     local = local.contiguous()
-                    if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
-                        parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
-                        dist.all_gather(parts, local, group=tp_group)
-                        local = torch.cat(parts, dim=p.partition_dim)
-                    state[key] = local.cpu()
-        if self.layout.pp > 1:
-            stages: list = [None] * self.layout.pp
-            dist.all_gather_object(stages, state, group=ps.get_pipeline_model_parallel_group())
-            state = {k: v for stage in stages for k, v in stage.items()}
-        return state
+                    if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1 and replica0:
+                        if only_rank0:
+                            parts = [torch.empty_like(local) for _ in range(self.layout.tp)] if receives else None
+                            dist.gather(local, parts, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+                        else:
+                            parts = [torch.empty_like(local) for _ in range(self.layout.tp)]
+                            dist.all_gather(parts, local, group=tp_group)
+                        local = torch.cat(parts, dim=p.partition_dim) if receives else local
+                    if receives:
+                        state[key] = local.cpu()
+        if self.layout.pp > 1 and receives:  # the PP group of (dp 0, tp 0) holds global rank 0
+            group = ps.get_pipeline_model_parallel_group()
+            if only_rank0:
+                stages: list | None = [None] * self.layout.pp if dist.get_rank() == 0 else None
+                dist.gather_object(state, stages, dst=0, group=group)
+            else:
+                stages = [None] * self.layout.pp
+                dist.all_gather_object(stages, state, group=group)
+            state = {k: v for stage in stages for k, v in stage.items()} if stages is not None else {}
+        return state if (not only_rank0 or dist.get_rank() == 0) else {}
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full single-device state dict (LLaDA names, fp32, CPU) on every rank: TP shards
-        gathered along their partition dims, pipeline stages and ZeRO partitions merged.
-        Collective: every rank must call it."""
-        return self._gather_full(lambda name, p: [(name, self._local_fp32(p))])
+    def model_state_dict(self, only_rank0: bool = False) -> dict[str, torch.Tensor]:
+        """The full single-device state dict (LLaDA names, fp32, CPU) on every rank (or, with
+        ``only_rank0``, on global rank 0 only; the others get ``{}``): TP shards gathered along
+        their partition dims, pipeline stages and ZeRO partitions merged. Collective: every rank
+        must call it."""
+        return self._gather_full(lambda name, p: [(name, self._local_fp32(p))], only_rank0)
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load full single-device weights: each rank copies its shard into the module and into
@@ -304,19 +322,21 @@ class ParallelEngine:
             return full.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         return self._base_optimizer().state[p][key].detach().float().clone()
 
-    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
+    def full_optimizer_state(self, only_rank0: bool = False) -> dict[str, torch.Tensor]:
         """AdamW state in the layout-independent format of ``LocalEngine.full_optimizer_state``,
-        on every rank: ``NAME::exp_avg`` / ``NAME::exp_avg_sq`` (full fp32 tensors on CPU, TP
+        on every rank (or only on global rank 0 with ``only_rank0``; the others get ``{}``): ``NAME::exp_avg`` / ``NAME::exp_avg_sq`` (full fp32 tensors on CPU, TP
         shards gathered, ZeRO partitions and pipeline stages merged; LLaDA names as in
         :meth:`model_state_dict`) and ``::step`` (0-d int64). Collective: every rank calls it."""
         self._ensure_optimizer_state()
         state = self._gather_full(
-            lambda name, p: [(f"{name}::{key}", self._local_optimizer_state(p, key)) for key in ("exp_avg", "exp_avg_sq")]
+            lambda name, p: [(f"{name}::{key}", self._local_optimizer_state(p, key)) for key in ("exp_avg", "exp_avg_sq")],
+            only_rank0,
         )
         steps = [int(st["step"]) for st in self._base_optimizer().state.values() if "step" in st]
         step = torch.tensor(max(steps, default=0), dtype=torch.int64, device=self.device)
         dist.all_reduce(step, op=dist.ReduceOp.MAX)
-        state["::step"] = step.cpu()
+        if not only_rank0 or dist.get_rank() == 0:
+            state["::step"] = step.cpu()
         return state
 
     def load_full_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -436,8 +436,9 @@ class Trainer:
 
         The weights and the AdamW state are gathered into full, unsharded tensors named like the
         single-device model's parameters, so the checkpoint resumes in any parallel layout."""
-        model_state = self.engine.model_state_dict()
-        optimizer_state = self.engine.full_optimizer_state()
+        # gathered on the logging rank (global rank 0) only: no other rank holds the full state
+        model_state = self.engine.model_state_dict(only_rank0=True)
+        optimizer_state = self.engine.full_optimizer_state(only_rank0=True)
         self.wait_for_save()  # at most one checkpoint in flight
         path = None
         if self.is_logging_rank:

@@ -74,7 +74,21 @@ def inject(trainer, *, vetoing_rank: bool) -> None:
 def summary(trainer, history: list[dict]) -> dict:
     keys = ("step", "data_step", "loss", "grad_norm", "skipped_nonfinite", "skipped_spike", "rollbacks")
     weights = trainer.engine.model_state_dict()
+    # what a checkpoint save gathers (on rank 0 only) must be the same as the all-ranks gather
+    gathered_ok = True
+    if hasattr(trainer.engine, "pm"):
+        import torch.distributed as dist
+
+        for full, only0 in (
+            (weights, trainer.engine.model_state_dict(only_rank0=True)),
+            (trainer.engine.full_optimizer_state(), trainer.engine.full_optimizer_state(only_rank0=True)),
+        ):
+            if dist.get_rank() == 0:
+                gathered_ok &= only0.keys() == full.keys() and all(torch.equal(only0[k], v) for k, v in full.items())
+            else:
+                gathered_ok &= only0 == {}
     return {
+        "rank0_gather_ok": gathered_ok,
         "history": [{k: r[k] for k in keys} for r in history],
         "events": [{k: e.get(k) for k in ("event", "reason", "step", "data_step", "skip_window", "checkpoint")}
                    for e in trainer.events.read()],

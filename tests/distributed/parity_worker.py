@@ -127,6 +127,13 @@ def run_case(name: str, world: int, config: ModelConfig, refs: dict) -> dict:
     if list(state) != list(ref["state"]):
         raise AssertionError(f"state dict names differ: {sorted(set(state) ^ set(ref['state']))[:5]}")
     res["weights"] = max(float((state[k] - v).abs().max()) for k, v in ref["state"].items())
+    # the checkpoint path's gather to rank 0 only gives rank 0 the same dict, the others nothing
+    only0 = engine.model_state_dict(only_rank0=True)
+    if dist.get_rank() == 0:
+        if only0.keys() != state.keys() or not all(torch.equal(only0[k], v) for k, v in state.items()):
+            raise AssertionError("model_state_dict(only_rank0=True) differs from the all-ranks gather on rank 0")
+    elif only0:
+        raise AssertionError(f"model_state_dict(only_rank0=True) returned {len(only0)} tensors on rank {dist.get_rank()}")
     engine.close()
     return res
 

@@ -75,6 +75,7 @@ def test_guard_decisions_agree_across_ranks_and_match_single_process(results, re
         assert a["loss"] == b["loss"] or math.isnan(a["loss"]) and math.isnan(b["loss"])
         assert _close(a["loss"], ref["loss"], rel), (case, a, ref)
     assert rank0["weights"] == rank1["weights"]
+    assert rank0["rank0_gather_ok"] and rank1["rank0_gather_ok"]  # the save path's rank-0-only gather
     for name, value in reference["weights"].items():
         assert rank0["weights"][name] == pytest.approx(value, rel=rel, abs=1e-4 if not bf16 else 1.0), (case, name)
 
