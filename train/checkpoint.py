@@ -222,7 +222,7 @@ def load_training_state_json(ckpt: Path) -> dict:
 
 def load_training_state(ckpt: Path) -> dict:
     """Optimizer state, trainer state and RNG of a checkpoint (no untrusted pickle)."""
-    state = json.loads((ckpt / "state.json").read_text())
+    state = load_training_state_json(ckpt)
     optimizer = None
     if (ckpt / "optimizer.pt").is_file():
         optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")

@@ -107,7 +107,7 @@ class ParallelEngine:
 
         ``gate`` (a ``train.guards.StepGate``, optional) is asked once per step on every rank,
         when DeepSpeed has reduced the gradients and computed the grad norm but before the AdamW
-        update (:meth:`_gated_step` wraps the torch optimizer's ``step``, which every DeepSpeed
+        update (:meth:`_install_gate` wraps the torch optimizer's ``step``, which every DeepSpeed
         path -- ZeRO-0/1/2/3, bf16, the pipeline schedule -- calls last); its verdict is
         all-reduced (MAX) over all ranks, and a veto skips the update everywhere. When DeepSpeed
         itself discards the step (a non-finite norm under fp32 ZeRO) the gate is asked after it."""

@@ -292,7 +292,7 @@ class Trainer:
             self._on_skip(out, verdict, data_step)
         else:
             self.bad_streak, self.bad_streak_start = 0, None
-            if gate.stats is not None and length == t.seq_len:
+            if gate.stats is not None and gate.judge_spikes:  # full-length steps only
                 self.guard.observe(gate.stats)
         values = {
             "loss": out.loss,
@@ -384,12 +384,11 @@ class Trainer:
             for ckpt in list_checkpoints(self.out_dir):
                 if ckpt.name > target.name:
                     shutil.rmtree(ckpt, ignore_errors=True)
-            latest = self.out_dir / "checkpoints" / "latest"
-            latest.write_text(target.name)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        # re-save the target with the new skip window, so a crash before the next checkpoint
-        # resumes without walking into the window again
+        # re-save the target with the new skip window (this also points `latest` at it), so a
+        # crash before the next checkpoint resumes without walking into the window again; until
+        # then `latest` names a deleted folder and resume falls back to the newest left: the target
         self.save()
         self.wait_for_save()
         self.events.write(
