@@ -303,3 +303,36 @@ def load_hf_dir(
 def remote_code_files() -> list[Path]:
     """The project's ``configuration_llada.py`` and ``modeling_llada.py`` (copied into exports)."""
     return [REMOTE_CODE_DIR / name for name in REMOTE_CODE_FILES]
+
+
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def write_special_tokens_map(hf_dir: str | os.PathLike, mask_token_id: int | None = None) -> Path | None:
+    """Write ``special_tokens_map.json`` (as LLaDA's HF repos ship it) from the tokenizer files in
+    ``hf_dir``: its named special tokens, plus the mask token (``mask_token_id``) under
+    ``additional_special_tokens`` when the tokenizer does not name it (LLaDA-8B-Base lists
+    ``<|mdm_mask|>`` there). A file already present (copied from the tokenizer) is kept; returns
+    the path written, or None."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / SPECIAL_TOKENS_MAP_FILE
+    if path.exists() or not (hf_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    out: dict = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = getattr(tok, key, None)
+        if value is not None:
+            out[key] = str(value)
+    extra = [str(t) for t in getattr(tok, "additional_special_tokens", None) or []]
+    if mask_token_id is not None:
+        mask = tok.convert_ids_to_tokens(int(mask_token_id))
+        if mask is not None and mask not in out.values() and mask not in extra:
+            extra.append(mask)
+    if extra:
+        out["additional_special_tokens"] = extra
+    path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    return path

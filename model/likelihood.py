@@ -201,6 +201,49 @@ def exact_loglikelihood(
     return total
 
 
+@torch.no_grad()
+def suffix_greedy(
+    model: torch.nn.Module,
+    prompt: Sequence[int],
+    continuation: Sequence[int],
+    *,
+    cfg_scale: float = 0.0,
+    mask_id: int | None = None,
+) -> bool:
+    """lm-eval's ``is_greedy`` the way LLaDA's adapter checks it (``suffix_greedy_prediction``):
+    start from ``[prompt | MASK × L]``; at each of L steps take the argmax at every masked
+    position (with CFG when ``cfg_scale > 0``, as the likelihood uses), keep only the one with the
+    highest softmax confidence (fp32) and commit it; True if the result is the continuation.
+    Stops at the first committed token that differs (same answer, fewer forward passes)."""
+    cfg = model.config
+    mask_id = cfg.mask_token_id if mask_id is None else mask_id
+    device = next(model.parameters()).device
+    prompt, target = [int(t) for t in prompt], torch.tensor([int(t) for t in continuation], device=device)
+    length = len(target)
+    if length == 0:
+        return True
+    x = torch.full((1, len(prompt) + length), mask_id, dtype=torch.long, device=device)
+    x[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    is_prompt = torch.arange(x.shape[1], device=device) < len(prompt)
+    for _ in range(length):
+        masked = x[0] == mask_id
+        if cfg_scale > 0:
+            un = torch.where(is_prompt, torch.full_like(x[0], mask_id), x[0])[None]
+            cond, uncond = model(torch.cat([x, un])).chunk(2)
+            logits = (uncond + (cfg_scale + 1) * (cond - uncond))[0, masked]
+        else:
+            logits = model(x)[0, masked]
+        x0 = logits.argmax(dim=-1)
+        confidence = torch.gather(torch.softmax(logits.float(), dim=-1), -1, x0[:, None]).squeeze(-1)
+        best = torch.sort(confidence, descending=True).indices[0]
+        position = masked.nonzero()[best, 0]
+        x[0, position] = x0[best]
+        committed = int(x0[best])
+        if committed != mask_id and position >= len(prompt) and committed != int(target[position - len(prompt)]):
+            return False  # a committed token is final (a committed MASK stays eligible)
+    return bool(torch.equal(x[0, len(prompt):], target))
+
+
 def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:
     """Disjoint ``(context, continuation)`` windows covering ``tokens`` for a model of context
     ``max_length``: the first continuation follows ``[prefix_id]``; each later one is conditioned

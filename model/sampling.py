@@ -10,23 +10,40 @@
             [CFG]  logits = un + (w + 1)·(cond − un)           un: the prompt replaced by MASK
             [logits_eos_inf] EOS logit := −inf
             x0 = argmax(exp(logits) / (−log u)^T)              Gumbel-max in float64; T=0: argmax
-            confidence = softmax(logits)[x0]  (low_confidence) or U(0, 1) (random)
-            [confidence_eos_eot_inf] confidence := 0 where x0 is EOS or EoT
-            commit the k most confident still-masked positions of the current block
+            [confidence_eos_eot_inf] see below
+            confidence = softmax(logits)[x0]  (low_confidence, in the logits' dtype) or U(0, 1) (random)
+            commit the k most confident masked positions left of the block's end (top-k over the row)
 
-Differences from the reference code, all deliberate:
+With the defaults the output is token for token LLaDA's at temperature 0 (and the same
+distribution at T > 0), including its fine points:
 
-- Logits of the embedding's padding rows (ids >= ``vocab_size``) and of the mask token are set
-  to −inf, so neither can be sampled (a trained model gives them ~0 probability anyway).
-- Only the current block's logits are computed (positions outside it are never committed), which
-  draws the Gumbel noise only there; the distribution of the output is unchanged.
+- x0 is an argmax over every logit the model returns (the embedding's padding rows and the mask
+  token included), so a ``[MASK]`` can be "committed"; it then stays eligible, in later blocks too.
+  Masks in the prompt are filled as well (eligible from the first block on).
+- ``confidence_eos_eot_inf`` acts after x0 is chosen. At temperature 0 it removes EOS and EoT from
+  the logits before the softmax: an EOS/EoT pick gets confidence 0 and every other confidence is
+  renormalized without them. At T > 0 only EoT is removed (LLaDA writes the EOS −inf into the
+  noisy copy, which is not read again). Under ``random`` remasking it changes nothing.
+- The confidence softmax runs in the logits' dtype (bf16 for a bf16 model) and top-k runs over
+  the whole row (−inf outside the eligible positions), so exact ties break as LLaDA's do.
+
+Options (all off by default) for what we consider better behaviour:
+
+- ``restrict_vocab``: the logits of the embedding's padding rows (ids >= ``vocab_size``) and of
+  the mask token are −inf, so neither can be sampled and no ``[MASK]`` is left in the output.
+- ``confidence_eos_eot_zero``: an EOS/EoT pick gets confidence 0 at every temperature and under
+  both remaskings, without renormalizing the others (EOS/EoT are committed last).
+- ``confidence_fp64``: the confidence softmax in float64 (fewer exact ties in bf16).
+
+Differences from the reference code that do not change the output:
+
+- Only the logits of the positions that can be committed are computed (the current block, plus
+  any earlier position still masked), so the Gumbel noise is drawn only there.
 - Noise comes from one generator per row, keyed by ``(seed, row)``: a prompt's output does not
   depend on the other prompts in the batch or on their padding.
 - Batches of prompts of different lengths are LEFT-padded; padded keys are masked out of
   attention and RoPE positions start at 0 on each prompt's first real token, so padding does not
-  change any prompt's output (LLaDA's own code before Oct 2025 ignored the mask).
-- ``confidence_eos_eot_inf`` sets the confidence of EOS *and* EoT to 0 (the reference writes the
-  EOS −inf into a tensor it no longer reads, so only EoT was affected).
+  change any prompt's output (LLaDA's own code gives a padded prompt shifted positions).
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ REMASKING = ("low_confidence", "random")
 @dataclass
 class GenerationConfig:
     """Options of :func:`generate` (LLaDA's names and defaults, except ``mask_id`` / ``eos_id``
-    which default to the model config's)."""
+    which default to the model config's; the last three are ours, off by default)."""
 
     gen_length: int = 128
     steps: int = 128
@@ -55,6 +72,9 @@ class GenerationConfig:
     remasking: str = "low_confidence"
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
+    restrict_vocab: bool = False
+    confidence_eos_eot_zero: bool = False
+    confidence_fp64: bool = False
 
     def validate(self) -> int:
         """Checks the options; returns steps per block."""
@@ -182,6 +202,9 @@ def generate(
     eot_id: int | None = None,
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
+    restrict_vocab: bool = False,
+    confidence_eos_eot_zero: bool = False,
+    confidence_fp64: bool = False,
     seed: int | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -196,6 +219,7 @@ def generate(
         gen_length, steps, block_length, temperature, cfg_scale, remasking,
         logits_eos_inf, confidence_eos_eot_inf: as in LLaDA's ``generate`` (see module doc).
         eot_id: the end-of-turn id that ``confidence_eos_eot_inf`` also covers (LLaDA: 126348).
+        restrict_vocab, confidence_eos_eot_zero, confidence_fp64: our options (module doc).
         seed: keys the per-row noise; None draws one from torch's global RNG.
         callback: called as ``callback(block, step, x)`` after every step (``x`` is ``[B, P+G]``).
     Returns:
@@ -203,12 +227,14 @@ def generate(
         followed by the generated tokens; ``out[:, -gen_length:]`` is the generation.
     """
     config = GenerationConfig(
-        gen_length, steps, block_length, temperature, cfg_scale, remasking, logits_eos_inf, confidence_eos_eot_inf
+        gen_length, steps, block_length, temperature, cfg_scale, remasking, logits_eos_inf,
+        confidence_eos_eot_inf, restrict_vocab, confidence_eos_eot_zero, confidence_fp64,
     )
     steps_per_block = config.validate()
     cfg = model.config
     mask_id = cfg.mask_token_id if mask_id is None else mask_id
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
+    stop_ids = [eos_id] + ([eot_id] if eot_id is not None else [])
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, cfg.pad_token_id, attention_mask, device=device)
     batch, prompt_len = prompt_ids.shape
@@ -225,56 +251,76 @@ def generate(
     if cfg_scale > 0:
         attn2 = None if attn is None else attn.repeat(2, 1)
         pos2 = position_ids.repeat(2, 1)
+    # LLaDA's CFG masks the prompt's non-mask tokens (pads are masked out of attention anyway)
+    prompt_index = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    prompt_index[:, :prompt_len] = x[:, :prompt_len] != mask_id
 
-    banned = [mask_id]  # ids >= vocab_size are cut off by restrict_logits
     for block in range(gen_length // block_length):
         start = prompt_len + block * block_length
         end = start + block_length
         counts = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
         for step in range(steps_per_block):
-            mask_index = x[:, start:end] == mask_id
+            # LLaDA: every masked position left of the block's end can be committed (prompt
+            # masks, masks committed as tokens in earlier blocks); usually just the block's
+            eligible = x[:, :end] == mask_id
+            before = eligible[:, :start].any(0).nonzero()
+            lo = int(before[0]) if len(before) else start
             if cfg_scale > 0:
-                un_x = x.clone()
-                un_x[:, :prompt_len] = mask_id
-                both = block_logits(model, torch.cat([x, un_x]), attn2, pos2, start, end)
+                un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
+                both = block_logits(model, torch.cat([x, un_x]), attn2, pos2, lo, end)
                 cond, un = both.chunk(2)
                 logits = un + (cfg_scale + 1) * (cond - un)
             else:
-                logits = block_logits(model, x, attn, position_ids, start, end)
-            logits = restrict_logits(logits, cfg.vocab_size, banned)
+                logits = block_logits(model, x, attn, position_ids, lo, end).clone()
+            if restrict_vocab:
+                logits = restrict_logits(logits, cfg.vocab_size, [mask_id])
             if logits_eos_inf:
                 logits[..., eos_id] = -torch.inf
             if temperature > 0:
-                uniforms = torch.stack([
-                    torch.rand(block_length, logits.shape[-1], generator=g, device=device, dtype=torch.float64)
-                    for g in gens
-                ])
+                uniforms = _row_draws(gens, lo, start, end, (logits.shape[-1],), device)
             else:
                 uniforms = None
-            x0 = add_gumbel_noise(logits, temperature, uniforms).argmax(dim=-1)  # [B, block]
+            x0 = add_gumbel_noise(logits, temperature, uniforms).argmax(dim=-1)  # [B, end - lo]
+            if confidence_eos_eot_inf:
+                # LLaDA's `logits_with_noise[..., EOS] = logits[..., EoT] = -inf`, after x0: at
+                # T = 0 both names are the same tensor, at T > 0 only EoT reaches the softmax
+                removed = stop_ids if temperature == 0 else stop_ids[1:]
+                for token in removed:
+                    logits[..., token] = -torch.inf
             if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
+                p = F.softmax(logits.to(torch.float64) if confidence_fp64 else logits, dim=-1)
                 confidence = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
-                confidence = torch.stack([
-                    torch.rand(block_length, generator=g, device=device, dtype=torch.float64) for g in gens
-                ])
-            if confidence_eos_eot_inf:
-                stop = x0 == eos_id
-                if eot_id is not None:
-                    stop |= x0 == eot_id
+                confidence = _row_draws(gens, lo, start, end, (), device)
+            if confidence_eos_eot_zero:
+                stop = torch.isin(x0, torch.tensor(stop_ids, device=device))
                 confidence = torch.where(stop, torch.zeros_like(confidence), confidence)
-            x0 = torch.where(mask_index, x0, x[:, start:end])
-            confidence = torch.where(mask_index, confidence, torch.full_like(confidence, -torch.inf))
-            transfer = torch.zeros_like(mask_index)
+            window = eligible[:, lo:end]
+            x0 = torch.where(window, x0, x[:, lo:end])
+            row_confidence = torch.full((batch, total), -torch.inf, dtype=confidence.dtype, device=device)
+            row_confidence[:, lo:end] = torch.where(window, confidence, torch.full_like(confidence, -torch.inf))
+            transfer = torch.zeros_like(x, dtype=torch.bool)
             for row in range(batch):
                 k = int(counts[row, step])
                 if k > 0:
-                    transfer[row, torch.topk(confidence[row], k=k).indices] = True
-            x[:, start:end] = torch.where(transfer, x0, x[:, start:end])
+                    transfer[row, torch.topk(row_confidence[row], k=k).indices] = True
+            x[:, lo:end] = torch.where(transfer[:, lo:end], x0, x[:, lo:end])
             if callback is not None:
                 callback(block, step, x)
     return x
+
+
+def _row_draws(gens, lo: int, start: int, end: int, shape: tuple, device) -> torch.Tensor:
+    """Float64 uniforms ``[B, end - lo, *shape]`` from each row's generator: the block's
+    positions ``start:end`` are drawn first (so the usual case draws only them), then ``lo:start``."""
+    rows = []
+    for g in gens:
+        block = torch.rand(end - start, *shape, generator=g, device=device, dtype=torch.float64)
+        if lo < start:
+            earlier = torch.rand(start - lo, *shape, generator=g, device=device, dtype=torch.float64)
+            block = torch.cat([earlier, block])
+        rows.append(block)
+    return torch.stack(rows)
 
 
 def restrict_logits(logits: torch.Tensor, vocab_size: int, banned: Sequence[int] = ()) -> torch.Tensor:

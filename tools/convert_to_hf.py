@@ -48,6 +48,7 @@ from model.hf import (
     remote_code_files,
     to_hf_name,
     transformers_version,
+    write_special_tokens_map,
 )
 
 REMASKING = ("low_confidence", "random")
@@ -247,6 +248,7 @@ def write_hf_dir(
             shutil.copyfile(code, tmp / code.name)
         if source.tokenizer_dir is not None:
             copy_tokenizer_files(Path(source.tokenizer_dir), tmp)
+            write_special_tokens_map(tmp, config.mask_token_id)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

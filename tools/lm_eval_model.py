@@ -2,25 +2,39 @@
 
     python -m tools.eval --model difftron --model_args pretrained=DIR[,key=value...] --tasks ...
 
+The defaults reproduce LLaDA's own adapter (``eval_llada.py`` of ML-GSAI/LLaDA), so a score
+means what it means in LLaDA's paper; the README's evaluation section lists what still differs
+and the options (all off by default) that give our variants.
+
 - ``loglikelihood``: LLaDA's Monte-Carlo bound (``model.likelihood.mc_loglikelihood``), ``mc_num``
   samples per request, stratified mask counts, masks only on the continuation, weight L/l,
-  optional CFG (``cfg``). ``is_greedy`` is checked only with ``is_check_greedy=True`` (LLaDA's
-  ``suffix_greedy_prediction``: one most-confident token per step, temperature 0).
-- ``loglikelihood_rolling``: the bound over the whole text, in disjoint windows of ``max_length``.
-- ``generate_until``: LLaDA's reverse process (``tools.generate.complete``), cut at EOS/EoT and
-  at the task's ``until`` strings.
+  optional CFG (``cfg``). Context and continuation are encoded as LLaDA's ``_encode_pair`` does,
+  an empty context included (no BOS is added for it). ``is_greedy`` is LLaDA's
+  ``suffix_greedy_prediction`` (one most-confident token per step, with the same CFG as the
+  likelihood), checked only with ``is_check_greedy=True`` (LLaDA's default; its authors recommend
+  False, which no paper metric needs and which is much faster).
+- ``loglikelihood_rolling``: the bound over the whole text, in disjoint windows of ``max_length``
+  (LLaDA's adapter does not implement it).
+- ``generate_until``: LLaDA's reverse process at the adapter's options; the text is decoded the
+  way LLaDA's adapter does it (special tokens kept, cut at the task's ``until`` strings, then
+  re-tokenized and decoded without special tokens: text after an EOS survives).
 - Data parallel: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) each process joins
   the default process group and reports its ``rank``/``world_size``; lm-eval then gives every
   rank its share of the documents and gathers the metrics. The likelihood noise is keyed by the
   request's tokens, so scores do not depend on the number of ranks.
 
-Model arguments (defaults in parentheses): ``pretrained`` (required: run, checkpoint or HF
-folder), ``mc_num`` (128), ``mc_batch_size`` (32 rows per forward pass), ``cfg`` (0.0),
-``is_check_greedy`` (False), ``gen_length`` (the task's ``max_gen_toks``), ``steps``
-(= gen_length), ``block_length`` (= gen_length), ``temperature`` (0.0), ``remasking``
-(low_confidence), ``logits_eos_inf`` (False), ``confidence_eos_eot_inf`` (False), ``add_bos``
-(False), ``max_length`` (the model's max_sequence_length), ``dtype`` (float32), ``seed`` (1234).
-lm-eval's ``--batch_size`` is the number of prompts generated together; ``--device`` the device.
+Model arguments (defaults in parentheses, LLaDA's unless marked "ours"): ``pretrained``
+(required: run, checkpoint or HF folder), ``mc_num`` (128), ``mc_batch_size`` (32 rows per
+forward pass; LLaDA's ``batch_size``), ``cfg`` (0.0), ``is_check_greedy`` (True), ``gen_length``
+(1024; ``gen_length=max_gen_toks`` uses the task's), ``steps`` (= gen_length), ``block_length``
+(= gen_length), ``temperature`` (0.0), ``remasking`` (low_confidence), ``logits_eos_inf`` (False),
+``confidence_eos_eot_inf`` (False), ``dtype`` (bfloat16), ``max_length`` (the model's
+max_sequence_length; longer inputs are left-truncated), ``seed`` (1234). Ours, off by default:
+``stop_at_eos`` (cut generations at the first EOS/EoT token), ``restrict_vocab`` (never sample
+the mask token or padding rows), ``confidence_eos_eot_zero``, ``confidence_fp64`` (see
+``model.sampling``), ``add_bos`` (prepend BOS to every encoded text that lacks it).
+lm-eval's ``--batch_size`` is the number of prompts generated together (LLaDA: 1; more are
+left-padded, equal up to floating-point effects); ``--device`` the device.
 """
 
 from __future__ import annotations
@@ -34,15 +48,17 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from model.likelihood import loglikelihood_rolling, mc_loglikelihood
-from model.sampling import GenerationConfig, generate
-from tools.generate import complete
+from model.likelihood import loglikelihood_rolling, mc_loglikelihood, suffix_greedy
+from model.sampling import GenerationConfig
+from tools.generate import complete_ids
 from tools.loading import load_for_inference
 
 log = logging.getLogger(__name__)
 
 GEN_KWARG_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking",
-                  "logits_eos_inf", "confidence_eos_eot_inf")
+                  "logits_eos_inf", "confidence_eos_eot_inf", "restrict_vocab", "confidence_eos_eot_zero",
+                  "confidence_fp64")
+TASK_GEN_LENGTH = "max_gen_toks"  # gen_length=max_gen_toks: the task's max_gen_toks (LLaDA ignores it)
 
 
 def _bool(value) -> bool:
@@ -67,17 +83,21 @@ class DifftronLM(TemplateLM):
         mc_num: int = 128,
         mc_batch_size: int = 32,
         cfg: float = 0.0,
-        is_check_greedy: bool = False,
-        gen_length: int | None = None,
+        is_check_greedy: bool = True,
+        gen_length: int | str | None = 1024,
         steps: int | None = None,
         block_length: int | None = None,
         temperature: float = 0.0,
         remasking: str = "low_confidence",
         logits_eos_inf: bool = False,
         confidence_eos_eot_inf: bool = False,
+        stop_at_eos: bool = False,
+        restrict_vocab: bool = False,
+        confidence_eos_eot_zero: bool = False,
+        confidence_fp64: bool = False,
         add_bos: bool = False,
         max_length: int | None = None,
-        dtype: str = "float32",
+        dtype: str = "bfloat16",
         seed: int = 1234,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
@@ -104,10 +124,14 @@ class DifftronLM(TemplateLM):
         self.cfg_scale = float(cfg)
         self.is_check_greedy = _bool(is_check_greedy)
         self.gen_defaults = dict(
-            gen_length=_int_or_none(gen_length), steps=_int_or_none(steps), block_length=_int_or_none(block_length),
+            gen_length=None if str(gen_length) == TASK_GEN_LENGTH else _int_or_none(gen_length),
+            steps=_int_or_none(steps), block_length=_int_or_none(block_length),
             temperature=float(temperature), cfg_scale=float(cfg), remasking=str(remasking),
             logits_eos_inf=_bool(logits_eos_inf), confidence_eos_eot_inf=_bool(confidence_eos_eot_inf),
+            restrict_vocab=_bool(restrict_vocab), confidence_eos_eot_zero=_bool(confidence_eos_eot_zero),
+            confidence_fp64=_bool(confidence_fp64),
         )
+        self.stop_at_eos = _bool(stop_at_eos)
         self.add_bos = _bool(add_bos)
         self._max_length = _int_or_none(max_length) or self.config.max_sequence_length
         self.seed = int(seed)
@@ -174,8 +198,13 @@ class DifftronLM(TemplateLM):
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        ids = list(self.tokenizer(string, add_special_tokens=False)["input_ids"])
-        if self.add_bos and add_special_tokens is not False:
+        """The tokenizer's own encoding, as LLaDA's adapter calls it (``tokenizer(text)``: whatever
+        special tokens the tokenizer adds by itself); ``add_bos`` puts BOS first where it is not."""
+        if add_special_tokens is None:
+            ids = list(self.tokenizer(string)["input_ids"])
+        else:
+            ids = list(self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"])
+        if self.add_bos and add_special_tokens is not False and ids[:1] != [self.config.bos_token_id]:
             ids = [self.config.bos_token_id] + ids
         return ids
 
@@ -191,10 +220,26 @@ class DifftronLM(TemplateLM):
         keep = self.max_length - len(continuation)
         return context[-keep:] if len(context) > keep else context, continuation
 
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """LLaDA's ``_encode_pair``: trailing context spaces move to the continuation; the whole
+        text is encoded and the continuation is what follows the context's tokens. An empty
+        context is encoded like any other (lm-eval's TemplateLM would condition on BOS)."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.tok_encode(context + continuation)
+        context_enc = self.tok_encode(context)
+        return context_enc, whole[len(context_enc):]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        new_reqs = []
+        for req in requests:
+            context, continuation = req.args
+            new_reqs.append(((context, continuation), *self.encode_pair(context, continuation)))
+        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+
     def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:
-        n = len(continuation)
-        out = generate(self.model, [context], gen_length=n, steps=n, block_length=n, temperature=0.0, seed=self.seed)
-        return out[0, -n:].tolist() == continuation
+        return suffix_greedy(self.model, context, continuation, cfg_scale=self.cfg_scale)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [self._fit(list(ctx), list(cont)) for _, ctx, cont in requests]
@@ -234,7 +279,7 @@ class DifftronLM(TemplateLM):
         for key in GEN_KWARG_KEYS:
             if key in kw and kw[key] is not None:
                 opts[key] = kw[key]
-        if opts["gen_length"] is None:
+        if opts["gen_length"] is None:  # gen_length=max_gen_toks
             opts["gen_length"] = int(kw.get("max_gen_toks", 256))
         opts["steps"] = opts["steps"] or opts["gen_length"]
         opts["block_length"] = opts["block_length"] or opts["gen_length"]
@@ -251,9 +296,10 @@ class DifftronLM(TemplateLM):
             indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))  # similar lengths together
             for b in range(0, len(indices), self.batch_size):
                 batch = indices[b : b + self.batch_size]
-                texts = complete(self.model, self.tokenizer, [requests[i].args[0] for i in batch], options,
-                                 stop=until, add_bos=self.add_bos, seed=self.seed, batch_size=len(batch),
-                                 max_length=self.max_length)
+                encoded = [self.tok_encode(requests[i].args[0]) for i in batch]
+                texts = complete_ids(self.model, self.tokenizer, encoded, options, stop=until,
+                                     stop_at_eos=self.stop_at_eos, seed=self.seed, batch_size=len(batch),
+                                     max_length=self.max_length)
                 for i, text in zip(batch, texts):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

@@ -40,9 +40,9 @@ def test_left_pad_and_positions():
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("temperature,cfg_scale", [(0.0, 0.0), (1.0, 0.0), (0.7, 1.5)])
-def test_no_mask_remains_and_prompt_unchanged(model, remasking, temperature, cfg_scale):
+def test_restrict_vocab_no_mask_remains_and_prompt_unchanged(model, remasking, temperature, cfg_scale):
     out = generate(model, PROMPTS, gen_length=8, steps=4, block_length=4, temperature=temperature,
-                   cfg_scale=cfg_scale, remasking=remasking, seed=1)
+                   cfg_scale=cfg_scale, remasking=remasking, seed=1, restrict_vocab=True)
     assert out.shape == (3, 7 + 8)
     assert not (out == MASK).any()
     assert (out < model.config.vocab_size).all()
