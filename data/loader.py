@@ -12,7 +12,10 @@ none of which depends on the number of data-parallel ranks:
    cipher with cycle walking: O(1) memory, a fresh permutation per epoch).
 3. **packing**: a pretraining source's documents of this split are concatenated (each already
    ends with EOS) and cut into windows of ``seq_len`` tokens; an SFT source's samples are its
-   examples, truncated or padded with EOS to ``seq_len``, with their prompt lengths.
+   examples, truncated or padded with EOS to ``seq_len``, with their prompt lengths. An SFT batch
+   also gives ``pad_length``, the length of the longest example of the whole GLOBAL batch (at most
+   ``seq_len``): the trainer cuts every row to it, so each example is EOS-padded to the global
+   batch's longest (LLaDA's rule, per global batch: independent of the data-parallel split).
 
 The validation split holds out whole documents, chosen by a hash of the document index (fixed,
 independent of the seed). Each rank reads only its own samples from memory-mapped shards.
@@ -147,6 +150,12 @@ class SourceSplit:
         for r in np.flatnonzero(~fast):
             out[r] = self.read(int(idx[r]))[0]
         return out, plens
+
+    def example_lengths(self, idx: np.ndarray) -> np.ndarray:
+        """Token lengths (at most ``seq_len``) of SFT samples ``idx``, from the index alone."""
+        docs = self.examples[np.asarray(idx, dtype=np.int64)]
+        starts = self.shards.doc_starts
+        return np.minimum(starts[docs + 1] - starts[docs], self.seq_len).astype(np.int64)
 
     def read(self, idx: int) -> tuple[np.ndarray, int]:
         """(tokens int64 [seq_len], prompt length) of sample ``idx``."""
@@ -306,7 +315,8 @@ class Loader:
 
         Returns ``input_ids`` LongTensor [B, seq_len] (B = global_batch_size // dp_size),
         ``sample_index`` LongTensor [B] (= step·G + j for j in this rank's contiguous slice) and, for
-        SFT data, ``prompt_lengths`` LongTensor [B].
+        SFT data, ``prompt_lengths`` LongTensor [B] and ``pad_length`` (a 0-dim LongTensor: the
+        global batch's longest example, see :meth:`pad_length`).
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -322,8 +332,21 @@ class Loader:
         out = {"input_ids": torch.from_numpy(ids), "sample_index": torch.from_numpy(index)}
         if self.sft:
             out["prompt_lengths"] = torch.from_numpy(plens)
+            out["pad_length"] = torch.tensor(self.pad_length(step))
         self._next_step = step + 1
         return out
+
+    def pad_length(self, step: int) -> int:
+        """SFT: the length of the longest example of global step ``step`` (every rank computes the
+        same value from the index: no tokens are read, no communication)."""
+        index = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
+        source, sample = self.locate(index)
+        longest = 1
+        for k, src in enumerate(self.sources):
+            rows = np.flatnonzero(source == k)
+            if len(rows):
+                longest = max(longest, int(src.example_lengths(sample[rows]).max()))
+        return longest
 
     def next_batch(self) -> dict:
         """The batch of the step after the last one returned (or restored)."""

@@ -276,13 +276,14 @@ class Trainer:
         batch = self.loader.batch(data_step)
         if t.objective == "sft" and "prompt_lengths" not in batch:
             raise ConfigError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
-        length = t.seq_len if t.objective == "sft" else random_length(t.seed, data_step, t.seq_len, t.random_length_prob)
+        # SFT: every row EOS-padded to the global batch's longest example (LLaDA's rule per global batch)
+        length = int(batch["pad_length"]) if t.objective == "sft" else random_length(t.seed, data_step, t.seq_len, t.random_length_prob)
         mbs, times = self.micro_batches(batch, data_step, seed=t.seed, length=length)
         lr = wsd_lr(
             step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
             drop_lr=t.drop_lr, decay_steps=t.decay_steps, final_lr=t.final_lr,
         )
-        gate = self.guard.gate(times, judge_spikes=length == t.seq_len)
+        gate = self.guard.gate(times, judge_spikes=length == t.seq_len or t.objective == "sft")
         out = self.engine.train_step(mbs, lr, gate=gate)
         elapsed = time.perf_counter() - start
         self.data_step = data_step + 1
