@@ -68,12 +68,13 @@ def sampler(model, prompt: list[int], *, steps: int, gen_length: int, block_leng
     return x[0, len(prompt):].tolist()
 
 
-def suffix_greedy(model, prefix: list[int], target: list[int], *, cfg_scale: float, mask_id: int) -> bool:
-    """LLaDA's ``suffix_greedy_prediction``: one most confident token per step, with CFG."""
-    seq = torch.full((1, len(prefix) + len(target)), mask_id, dtype=torch.long)
+def suffix_greedy_decode(model, prefix: list[int], length: int, *, cfg_scale: float, mask_id: int) -> list[int]:
+    """The sequence LLaDA's ``suffix_greedy_prediction`` builds: ``length`` steps, each committing
+    only the most confident argmax among the masked positions (with CFG when ``cfg_scale > 0``)."""
+    seq = torch.full((1, len(prefix) + length), mask_id, dtype=torch.long)
     seq[0, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
     is_prompt = torch.arange(seq.shape[1]) < len(prefix)
-    for _ in range(len(target)):
+    for _ in range(length):
         masked = seq == mask_id
         if cfg_scale > 0:
             uncond_in = seq.clone()
@@ -88,7 +89,12 @@ def suffix_greedy(model, prefix: list[int], target: list[int], *, cfg_scale: flo
         order = torch.sort(conf, descending=True).indices
         x0[order[1:]] = mask_id
         seq[masked] = x0.clone()
-    return bool((seq[0, len(prefix):] == torch.tensor(target)).all())
+    return seq[0, len(prefix):].tolist()
+
+
+def suffix_greedy(model, prefix: list[int], target: list[int], *, cfg_scale: float, mask_id: int) -> bool:
+    """LLaDA's ``suffix_greedy_prediction``: is the target what that decoding builds?"""
+    return suffix_greedy_decode(model, prefix, len(target), cfg_scale=cfg_scale, mask_id=mask_id) == list(target)
 
 
 def generate_until_text(tokenizer, generated: list[int], until: list[str]) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "tests" / "assets" / "lm_eval_tasks"
-MODEL_ARGS = "mc_num=8,mc_batch_size=16,gen_length=8,steps=8,block_length=4"
+MODEL_ARGS = "mc_num=8,mc_batch_size=16,gen_length=8,steps=8,block_length=4,dtype=float32"
 
 
 @pytest.fixture(scope="module")
