@@ -15,7 +15,13 @@ same expectation by enumerating every mask pattern (tiny L only; for tests).
 
 Noise is keyed by ``(seed, request tokens)``, so a request's estimate does not depend on the
 batch it is in, its order, or the number of ranks. Samples of many requests are packed into
-micro-batches of ``batch_size`` rows (right-padded, with an attention mask).
+micro-batches of ``batch_size`` rows (right-padded, with an attention mask). ``llada_batches=True``
+samples and batches exactly as LLaDA instead (per request, a fresh k and LLaDA's rounded
+linspace per mini-batch, no padding). As in LLaDA's code, the softmax covers every logit the
+model returns (the embedding's padding rows too; ``restrict_vocab`` drops them) and CFG and
+cross-entropy run in the model's dtype (``fp32`` for float32).
+
+:func:`suffix_greedy` is lm-eval's ``is_greedy`` as LLaDA's adapter computes it.
 
 :func:`fixed_noise_bound` is the in-training evaluation: the pretraining bound per token with
 masks keyed by (seed, row), identical at every call.
@@ -56,11 +62,28 @@ def stratified_mask_counts(k: int, length: int, num: int) -> torch.Tensor:
     return (k - 1 + offsets) % length + 1
 
 
-def _sample_rows(request: int, prompt: list[int], cont: list[int], mc_num: int, seed: int) -> list[_Row]:
+def llada_mask_counts(k: int, length: int, num: int) -> torch.Tensor:
+    """LLaDA's rule for one mini-batch of ``num`` rows: ``round(linspace(k, k + (num−1)·L/num))``
+    in float32 (round half to even), wrapped into {1..L}. Slightly biased for some (L, num)."""
+    x = torch.round(torch.linspace(float(k), k + (num - 1) * (length / num), steps=num)).long()
+    return (x - 1) % length + 1
+
+
+def _sample_rows(request: int, prompt: list[int], cont: list[int], mc_num: int, seed: int,
+                 group: int | None = None) -> list[_Row]:
+    """``mc_num`` rows of one request. ``group=None``: one k stratifies all mc_num counts
+    (unbiased). ``group=b``: LLaDA's sampling, a fresh k and :func:`llada_mask_counts` per
+    mini-batch of b rows."""
     length = len(cont)
     g = keyed_generator(seed, "likelihood", *prompt, -1, *cont)
-    k = int(torch.randint(1, length + 1, (), generator=g))
-    counts = stratified_mask_counts(k, length, mc_num).tolist()
+    if group is None:
+        k = int(torch.randint(1, length + 1, (), generator=g))
+        counts = stratified_mask_counts(k, length, mc_num).tolist()
+    else:
+        counts = []
+        while len(counts) < mc_num:
+            k = int(torch.randint(1, length + 1, (), generator=g))
+            counts += llada_mask_counts(k, length, min(group, mc_num - len(counts))).tolist()
     tokens = prompt + cont
     rows = []
     for count in counts:
@@ -76,12 +99,16 @@ def masked_logprobs(
     masked: torch.Tensor,
     prompt_lens: torch.Tensor,
     mask_id: int,
-    vocab_size: int,
+    vocab_size: int | None = None,
     cfg_scale: float = 0.0,
+    fp32: bool = False,
 ) -> torch.Tensor:
     """``log p_θ(x_i | x with `masked` replaced by MASK)`` at the masked positions, flattened in
-    row-major order (``[masked.sum()]``, fp32). ``tokens``/``masked`` are ``[B, S]``; with
-    ``cfg_scale > 0`` an unconditional copy also masks positions before ``prompt_lens``."""
+    row-major order (``[masked.sum()]``, returned in fp32). ``tokens``/``masked`` are ``[B, S]``;
+    with ``cfg_scale > 0`` an unconditional copy also masks positions before ``prompt_lens``.
+    As LLaDA: the softmax covers every logit the model returns and CFG and cross-entropy run in
+    the logits' dtype; ``vocab_size`` keeps only ``[..., :vocab_size]`` (drops the embedding's
+    padding rows) and ``fp32`` computes both in float32."""
     noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
     if cfg_scale > 0:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -95,14 +122,18 @@ def masked_logprobs(
         logits = model.head(model.hidden_states(inputs, attn)[sel])
     else:
         logits = model(inputs, attention_mask=attn)[sel]
-    logits = logits[..., :vocab_size].float()
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    if fp32:
+        logits = logits.float()
     if cfg_scale > 0:
         cond, uncond = logits.chunk(2)
         logits = uncond + (cfg_scale + 1) * (cond - uncond)
-    return -F.cross_entropy(logits, tokens[masked], reduction="none")
+    return -F.cross_entropy(logits, tokens[masked], reduction="none").float()
 
 
-def _score_rows(model, rows: list[_Row], mask_id: int, vocab_size: int, cfg_scale: float) -> list[float]:
+def _score_rows(model, rows: list[_Row], mask_id: int, vocab_size: int | None, cfg_scale: float,
+                fp32: bool = False) -> list[float]:
     """Weighted log-probability sum ``(L/l)·Σ_{i∈S} log p(x_i | ...)`` of each row."""
     device = next(model.parameters()).device
     width = max(len(r.tokens) for r in rows)
@@ -117,7 +148,7 @@ def _score_rows(model, rows: list[_Row], mask_id: int, vocab_size: int, cfg_scal
     attention_mask = None if bool(attn.all()) else attn.to(device)
     logp = masked_logprobs(
         model, tokens.to(device), attention_mask, masked.to(device), prompt_lens.to(device),
-        mask_id, vocab_size, cfg_scale,
+        mask_id, vocab_size, cfg_scale, fp32,
     )
     row_of = masked.nonzero(as_tuple=True)[0].to(device)
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, row_of, logp.double())
@@ -135,6 +166,9 @@ def mc_loglikelihood(
     mask_id: int | None = None,
     seed: int = 0,
     return_samples: bool = False,
+    llada_batches: bool = False,
+    restrict_vocab: bool = False,
+    fp32: bool = False,
 ) -> list[float] | tuple[list[float], list[list[float]]]:
     """LLaDA's Monte-Carlo lower bound on ``log p(continuation | prompt)`` for each request.
 
@@ -146,6 +180,12 @@ def mc_loglikelihood(
         mask_id: defaults to ``model.config.mask_token_id``.
         seed: keys the noise together with each request's tokens.
         return_samples: also return each request's ``mc_num`` per-sample values.
+        llada_batches: LLaDA's sampling and batching: each request alone (no padding), in
+            mini-batches of ``batch_size`` rows, each with its own k and LLaDA's rounded
+            linspace of mask counts (:func:`llada_mask_counts`). Default: one unbiased
+            stratification over all ``mc_num`` rows, rows of several requests packed together.
+        restrict_vocab: the softmax over ids below ``vocab_size`` only (LLaDA: every logit).
+        fp32: CFG and log-softmax in float32 (LLaDA: in the model's dtype).
     Returns:
         One estimate per request (a float, the mean of its samples), and with
         ``return_samples`` the per-sample values.
@@ -159,12 +199,18 @@ def mc_loglikelihood(
         prompt, cont = [int(t) for t in prompt], [int(t) for t in cont]
         if not cont:
             raise ValueError(f"likelihood request {i}: the continuation is empty")
-        rows.extend(_sample_rows(i, prompt, cont, mc_num, seed))
-    order = sorted(range(len(rows)), key=lambda j: len(rows[j].tokens))  # similar lengths together
+        rows.extend(_sample_rows(i, prompt, cont, mc_num, seed, batch_size if llada_batches else None))
+    if llada_batches:  # request by request, in order: LLaDA's mini-batches
+        chunks = [rows[b : b + batch_size] for r in range(len(requests))
+                  for b in range(r * mc_num, (r + 1) * mc_num, batch_size)]
+        chunks = [[row for row in c if row.request == c[0].request] for c in chunks]
+    else:
+        order = sorted(range(len(rows)), key=lambda j: len(rows[j].tokens))  # similar lengths together
+        chunks = [[rows[j] for j in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
+    vocab = cfg.vocab_size if restrict_vocab else None
     values: list[list[float]] = [[] for _ in requests]
-    for b in range(0, len(order), batch_size):
-        chunk = [rows[j] for j in order[b : b + batch_size]]
-        for r, v in zip(chunk, _score_rows(model, chunk, mask_id, cfg.vocab_size, cfg_scale)):
+    for chunk in chunks:
+        for r, v in zip(chunk, _score_rows(model, chunk, mask_id, vocab, cfg_scale, fp32)):
             values[r.request].append(v)
     estimates = [sum(v) / len(v) for v in values]
     return (estimates, values) if return_samples else estimates
@@ -179,6 +225,8 @@ def exact_loglikelihood(
     cfg_scale: float = 0.0,
     mask_id: int | None = None,
     batch_size: int = 64,
+    restrict_vocab: bool = False,
+    fp32: bool = False,
 ) -> float:
     """The bound the MC estimator targets, by enumerating all ``2^L − 1`` mask patterns:
     ``(1/L) Σ_l (L/l) · mean_{|S|=l} Σ_{i∈S} log p(r_i | p, r_S masked)``. Tiny L only (L <= 12)."""
@@ -196,7 +244,8 @@ def exact_loglikelihood(
         ]
         scores = []
         for b in range(0, len(rows), batch_size):
-            scores.extend(_score_rows(model, rows[b : b + batch_size], mask_id, cfg.vocab_size, cfg_scale))
+            scores.extend(_score_rows(model, rows[b : b + batch_size], mask_id,
+                                      cfg.vocab_size if restrict_vocab else None, cfg_scale, fp32))
         total += sum(scores) / len(scores) / length
     return total
 

@@ -31,8 +31,11 @@ forward pass; LLaDA's ``batch_size``), ``cfg`` (0.0), ``is_check_greedy`` (True)
 ``confidence_eos_eot_inf`` (False), ``dtype`` (bfloat16), ``max_length`` (the model's
 max_sequence_length; longer inputs are left-truncated), ``seed`` (1234). Ours, off by default:
 ``stop_at_eos`` (cut generations at the first EOS/EoT token), ``restrict_vocab`` (never sample
-the mask token or padding rows), ``confidence_eos_eot_zero``, ``confidence_fp64`` (see
-``model.sampling``), ``add_bos`` (prepend BOS to every encoded text that lacks it).
+the mask token or padding rows; the likelihood's softmax without padding rows),
+``confidence_eos_eot_zero``, ``confidence_fp64`` (see ``model.sampling``), ``likelihood_fp32``
+(CFG and log-softmax in float32), ``add_bos`` (prepend BOS to every encoded text that lacks it).
+LLaDA's, off by default: ``llada_batches`` (LLaDA's mask-count rule and mini-batches in the
+likelihood; ours is an unbiased stratification, see ``model.likelihood``).
 lm-eval's ``--batch_size`` is the number of prompts generated together (LLaDA: 1; more are
 left-padded, equal up to floating-point effects); ``--device`` the device.
 """
@@ -95,6 +98,8 @@ class DifftronLM(TemplateLM):
         restrict_vocab: bool = False,
         confidence_eos_eot_zero: bool = False,
         confidence_fp64: bool = False,
+        llada_batches: bool = False,
+        likelihood_fp32: bool = False,
         add_bos: bool = False,
         max_length: int | None = None,
         dtype: str = "bfloat16",
@@ -132,6 +137,8 @@ class DifftronLM(TemplateLM):
             confidence_fp64=_bool(confidence_fp64),
         )
         self.stop_at_eos = _bool(stop_at_eos)
+        self.likelihood_options = dict(llada_batches=_bool(llada_batches), restrict_vocab=_bool(restrict_vocab),
+                                       fp32=_bool(likelihood_fp32))
         self.add_bos = _bool(add_bos)
         self._max_length = _int_or_none(max_length) or self.config.max_sequence_length
         self.seed = int(seed)
@@ -249,7 +256,7 @@ class DifftronLM(TemplateLM):
         for i in range(0, len(pairs), chunk):
             part = pairs[i : i + chunk]
             lls = mc_loglikelihood(self.model, part, mc_num=self.mc_num, batch_size=self.mc_batch_size,
-                                   cfg_scale=self.cfg_scale, seed=self.seed)
+                                   cfg_scale=self.cfg_scale, seed=self.seed, **self.likelihood_options)
             for (ctx, cont), ll, req in zip(part, lls, requests[i : i + chunk]):
                 greedy = self._is_greedy(ctx, cont) if self.is_check_greedy else False
                 results.append((ll, greedy))
@@ -265,7 +272,7 @@ class DifftronLM(TemplateLM):
             tokens = self.tok_encode(text, add_special_tokens=False)
             ll = loglikelihood_rolling(self.model, tokens, prefix_id=self.prefix_token_id, max_length=self.max_length,
                                        mc_num=self.mc_num, batch_size=self.mc_batch_size, cfg_scale=self.cfg_scale,
-                                       seed=self.seed)
+                                       seed=self.seed, **self.likelihood_options)
             out.append(ll)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), ll)
         return out

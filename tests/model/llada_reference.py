@@ -22,6 +22,7 @@ def transfer_counts(block_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
 def sampler(model, prompt: list[int], *, steps: int, gen_length: int, block_length: int, temperature: float = 0.0,
             cfg_scale: float = 0.0, remasking: str = "low_confidence", mask_id: int, eos_id: int, eot_id: int,
             logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False, first_commits: list | None = None):
@@ -68,6 +69,7 @@ def sampler(model, prompt: list[int], *, steps: int, gen_length: int, block_leng
     return x[0, len(prompt):].tolist()
 
 
+@torch.no_grad()
 def suffix_greedy_decode(model, prefix: list[int], length: int, *, cfg_scale: float, mask_id: int) -> list[int]:
     """The sequence LLaDA's ``suffix_greedy_prediction`` builds: ``length`` steps, each committing
     only the most confident argmax among the masked positions (with CFG when ``cfg_scale > 0``)."""
@@ -106,6 +108,7 @@ def generate_until_text(tokenizer, generated: list[int], until: list[str]) -> st
     return tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)
 
 
+@torch.no_grad()
 def sft_loss(model, examples: list[list[int]], prompt_lengths: list[int], t: torch.Tensor, uniforms: torch.Tensor,
              *, eos_id: int, mask_id: int, eps: float = 1e-3) -> torch.Tensor:
     """LLaDA's SFT loss of one mini-batch (GUIDELINES): EOS-pad to the batch's longest example,
@@ -126,3 +129,37 @@ def sft_loss(model, examples: list[list[int]], prompt_lengths: list[int], t: tor
     logits = model(noisy)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
     return (ce / answer_lengths[masked]).sum() / len(examples)
+
+
+def mask_counts(k: int, length: int, rows: int) -> list[int]:
+    """LLaDA's per-mini-batch mask counts: a float32 linspace from k in steps of L/rows, rounded
+    (half to even), wrapped into {1..L}."""
+    x = torch.round(torch.linspace(float(k), k + (rows - 1) * (length / rows), steps=rows)).long()
+    return (((x - 1) % length) + 1).tolist()
+
+
+@torch.no_grad()
+def loglikelihood(model, prefix: list[int], target: list[int], batches: list[list[list[int]]], *, cfg_scale: float,
+                  mask_id: int) -> float:
+    """LLaDA's ``get_log_likelihood`` with the mask patterns given (``batches``: per mini-batch,
+    per row, the masked positions of the target), so that the noise equals ours."""
+    seq = torch.tensor(prefix + target)
+    length = len(target)
+    losses = []
+    for patterns in batches:
+        batch = seq[None].repeat(len(patterns), 1)
+        is_mask = torch.zeros_like(batch, dtype=torch.bool)
+        for row, positions in enumerate(patterns):
+            is_mask[row, [len(prefix) + p for p in positions]] = True
+        noisy = torch.where(is_mask, torch.full_like(batch, mask_id), batch)
+        p_mask = (is_mask.sum(dim=1, keepdim=True) / length).expand(-1, seq.shape[0])
+        if cfg_scale > 0:
+            uncond_in = noisy.clone()
+            uncond_in[:, : len(prefix)] = mask_id
+            cond, uncond = model(torch.cat([noisy, uncond_in])).chunk(2)
+            logits = uncond + (cfg_scale + 1) * (cond - uncond)
+        else:
+            logits = model(noisy)
+        loss = F.cross_entropy(logits[is_mask], batch[is_mask], reduction="none") / p_mask[is_mask]
+        losses.append(float(loss.sum() / len(patterns)))
+    return -sum(losses) / len(losses)

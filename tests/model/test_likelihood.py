@@ -56,9 +56,13 @@ def test_estimator_concentrates_with_mc_num(model):
 def test_single_token_continuation_is_exact(model):
     exact = exact_loglikelihood(model, [5, 6], [9])
     assert mc_loglikelihood(model, [([5, 6], [9])], mc_num=1)[0] == pytest.approx(exact, abs=1e-5)
-    # and equals log softmax of the masked position directly
-    logits = model(torch.tensor([[5, 6, 2]]))[0, 2, :50]
+    # and equals log softmax of the masked position directly: over every logit by default
+    # (LLaDA's), over the real vocabulary (the first 50 of 64) with restrict_vocab
+    logits = model(torch.tensor([[5, 6, 2]]))[0, 2]
     assert exact == pytest.approx(torch.log_softmax(logits, -1)[9].item(), abs=1e-5)
+    restricted = exact_loglikelihood(model, [5, 6], [9], restrict_vocab=True)
+    assert restricted == pytest.approx(torch.log_softmax(logits[:50], -1)[9].item(), abs=1e-5)
+    assert mc_loglikelihood(model, [([5, 6], [9])], mc_num=1, restrict_vocab=True)[0] == pytest.approx(restricted, abs=1e-5)
 
 
 def test_estimate_independent_of_batching_and_neighbours(model):
@@ -107,3 +111,21 @@ def test_fixed_noise_bound_is_repeatable_and_equals_pretraining_loss(model):
     with torch.no_grad():
         loss = pretraining_loss(masked_token_losses(model(noisy), ids, masked, noise.p_mask), 4, 16)
     assert a.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_llada_batches_per_request_and_fresh_k_per_mini_batch(model):
+    """``llada_batches``: each mini-batch of a request draws its own k (LLaDA's rule), requests
+    are not packed together, and the estimate is still close to the exact bound."""
+    from model.likelihood import _sample_rows, llada_mask_counts
+
+    rows = _sample_rows(0, [5, 6, 7], [8, 9, 10, 11, 12], 12, seed=3, group=4)
+    counts = [len(r.masked) for r in rows]
+    for b in range(0, 12, 4):
+        assert counts[b : b + 4] == llada_mask_counts(counts[b], 5, 4).tolist()
+    reqs = [([5, 6, 7], [8, 9, 10, 11]), ([3], [40, 41])]
+    together = mc_loglikelihood(model, reqs, mc_num=8, batch_size=4, seed=1, llada_batches=True)
+    alone = [mc_loglikelihood(model, [r], mc_num=8, batch_size=4, seed=1, llada_batches=True)[0] for r in reqs]
+    assert together == pytest.approx(alone, abs=1e-5)
+    exact = exact_loglikelihood(model, *reqs[0])
+    est = mc_loglikelihood(model, reqs[:1], mc_num=512, batch_size=32, seed=0, llada_batches=True)[0]
+    assert abs(est - exact) < 0.05 * abs(exact)

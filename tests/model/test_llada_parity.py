@@ -201,3 +201,32 @@ def test_greedy_check_matches_llada_with_and_without_cfg(model, cfg_scale):
     ours_ = [suffix_greedy(model, p, t, cfg_scale=cfg_scale) for p, t in pairs]
     assert ours_ == theirs_
     assert any(theirs_) and not all(theirs_)
+
+
+@pytest.mark.parametrize("length,rows", [(3, 4), (5, 4), (7, 8), (1, 4), (12, 16)])
+def test_llada_mask_counts(length, rows):
+    from model.likelihood import llada_mask_counts
+
+    for k in range(1, length + 1):
+        assert llada_mask_counts(k, length, rows).tolist() == ref.mask_counts(k, length, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_likelihood_matches_llada_on_the_same_masks(model, dtype, cfg_scale):
+    """LLaDA's estimator fed our mask patterns gives our value: the softmax covers every logit
+    (padding rows too), CFG and cross-entropy in the model's dtype, weight L/l, mini-batches."""
+    from model.likelihood import _sample_rows, mc_loglikelihood
+
+    m = build_model(tiny_config(), seed=0).eval()
+    m.load_state_dict(model.state_dict())
+    m = m.to(dtype)
+    for prefix, target in [([BOS, 5, 6], [7, 8, 9, 10, 11]), ([BOS, 20, 21, 22], [30, 31, 32])]:
+        rows = _sample_rows(0, prefix, target, 8, 0, group=4)
+        patterns = [[p - len(prefix) for p in r.masked] for r in rows]
+        theirs_ = ref.loglikelihood(m, prefix, target, [patterns[:4], patterns[4:]], cfg_scale=cfg_scale, mask_id=MASK)
+        ours_ = mc_loglikelihood(m, [(prefix, target)], mc_num=8, batch_size=4, cfg_scale=cfg_scale, seed=0,
+                                 llada_batches=True)[0]
+        assert ours_ == pytest.approx(theirs_, rel=1e-5, abs=1e-5)
+        counts = [len(p) for p in patterns]
+        assert counts[:4] == ref.mask_counts(counts[0], len(target), 4)  # each mini-batch: LLaDA's rule
