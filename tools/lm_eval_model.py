@@ -33,7 +33,9 @@ max_sequence_length; longer inputs are left-truncated), ``seed`` (1234). Ours, o
 ``stop_at_eos`` (cut generations at the first EOS/EoT token), ``restrict_vocab`` (never sample
 the mask token or padding rows; the likelihood's softmax without padding rows),
 ``confidence_eos_eot_zero``, ``confidence_fp64`` (see ``model.sampling``), ``likelihood_fp32``
-(CFG and log-softmax in float32), ``add_bos`` (prepend BOS to every encoded text that lacks it).
+(CFG and log-softmax in float32), ``task_gen_kwargs`` (the task's generation kwargs named like
+our sampler options override these model_args; LLaDA uses only the task's ``until``),
+``add_bos`` (prepend BOS to every encoded text that lacks it).
 LLaDA's, off by default: ``llada_batches`` (LLaDA's mask-count rule and mini-batches in the
 likelihood; ours is an unbiased stratification, see ``model.likelihood``).
 lm-eval's ``--batch_size`` is the number of prompts generated together (LLaDA: 1; more are
@@ -100,6 +102,7 @@ class DifftronLM(TemplateLM):
         confidence_fp64: bool = False,
         llada_batches: bool = False,
         likelihood_fp32: bool = False,
+        task_gen_kwargs: bool = False,
         add_bos: bool = False,
         max_length: int | None = None,
         dtype: str = "bfloat16",
@@ -137,6 +140,7 @@ class DifftronLM(TemplateLM):
             confidence_fp64=_bool(confidence_fp64),
         )
         self.stop_at_eos = _bool(stop_at_eos)
+        self.task_gen_kwargs, self._ignored_gen_kwargs = _bool(task_gen_kwargs), set()
         self.likelihood_options = dict(llada_batches=_bool(llada_batches), restrict_vocab=_bool(restrict_vocab),
                                        fp32=_bool(likelihood_fp32))
         self.add_bos = _bool(add_bos)
@@ -285,7 +289,12 @@ class DifftronLM(TemplateLM):
         opts = dict(self.gen_defaults)
         for key in GEN_KWARG_KEYS:
             if key in kw and kw[key] is not None:
-                opts[key] = kw[key]
+                if self.task_gen_kwargs:
+                    opts[key] = kw[key]
+                elif kw[key] != opts[key] and key not in self._ignored_gen_kwargs:
+                    self._ignored_gen_kwargs.add(key)
+                    log.warning("difftron: ignoring the task's %s=%r (as LLaDA's adapter does; pass it in "
+                                "model_args, or task_gen_kwargs=true)", key, kw[key])
         if opts["gen_length"] is None:  # gen_length=max_gen_toks
             opts["gen_length"] = int(kw.get("max_gen_toks", 256))
         opts["steps"] = opts["steps"] or opts["gen_length"]

@@ -95,6 +95,11 @@ def test_defaults_are_llada_adapter_defaults(run_dir):
     assert until == ["Q:"]
     lm.gen_defaults["gen_length"] = None  # gen_length=max_gen_toks: the task's
     assert lm._generation_options({"until": [], "max_gen_toks": 64})[0].gen_length == 64
+    # the task's other generation kwargs are ignored, as by LLaDA's adapter, unless task_gen_kwargs
+    task = {"until": [], "max_gen_toks": 64, "steps": 32, "temperature": 0.5}
+    assert (lm._generation_options(task)[0].steps, lm._generation_options(task)[0].temperature) == (64, 0.0)
+    lm.task_gen_kwargs = True
+    assert (lm._generation_options(task)[0].steps, lm._generation_options(task)[0].temperature) == (32, 0.5)
 
 
 def test_hf_export_has_special_tokens_map(run_dir, tmp_path):
