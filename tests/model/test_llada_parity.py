@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.likelihood import suffix_greedy
 from model.llada import build_model
 from model.sampling import generate
 from tests.model import llada_reference as ref
@@ -196,6 +195,8 @@ def greedy_targets(model, cfg_scale):
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
 def test_greedy_check_matches_llada_with_and_without_cfg(model, cfg_scale):
+    from model.likelihood import suffix_greedy
+
     pairs = greedy_targets(model, cfg_scale)
     theirs_ = [ref.suffix_greedy(model, p, t, cfg_scale=cfg_scale, mask_id=MASK) for p, t in pairs]
     ours_ = [suffix_greedy(model, p, t, cfg_scale=cfg_scale) for p, t in pairs]
