@@ -65,7 +65,8 @@ def test_empty_context_is_encoded_as_is(lm):
 
 @pytest.mark.parametrize("cfg", [0.0, 2.0])
 def test_greedy_flags_equal_llada_with_and_without_cfg(run_dir, cfg):
-    lm = DifftronLM(pretrained=str(run_dir), mc_num=1, mc_batch_size=1, cfg=cfg, dtype="float32", device="cpu")
+    lm = DifftronLM(pretrained=str(run_dir), mc_num=1, mc_batch_size=1, cfg=cfg, is_check_greedy=True,
+                    dtype="float32", device="cpu")
     mask = lm.config.mask_token_id
     cases = []
     for text in ["The quick brown", "Paris is the capital of", "def add(a, b):", "Question: what is"]:
