@@ -96,6 +96,7 @@ class EvalConfig:
     every: int = 0  # evaluate the bound on the validation split every N steps (0: never)
     batches: int = 2
     seed: int = 1234  # fixed noise: the same masks at every evaluation
+    at_start: bool = False  # also evaluate the initial weights (logged as step 0) on a fresh run
 
 
 @dataclass
