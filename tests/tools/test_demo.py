@@ -67,14 +67,25 @@ def test_bounds_are_the_in_training_evaluations(demo):
 
 
 @pytest.mark.slow
-def test_unigram_entropy_is_that_of_the_evaluated_validation_tokens(demo):
+def test_unigram_references_are_computed_on_the_evaluated_validation_tokens(demo):
     _, stdout, summary, _, cfg = demo
     val = split_tokens(cfg, "validation", EVAL_BATCHES)
     assert summary["validation_tokens"] == len(val) == EVAL_BATCHES * cfg.train.global_batch_size * cfg.train.seq_len
     assert summary["unigram_entropy"] == pytest.approx(entropy(val), abs=1e-9)
     # not the entropy of as many training tokens (the test tells the two apart)
     assert abs(entropy(split_tokens(cfg, "train", EVAL_BATCHES)) - entropy(val)) > 1e-3
-    assert f"unigram entropy of the same validation tokens: {entropy(val):.3f}" in stdout
+    # the held-out reference: add-1/2 unigram counts of one epoch of the training split, scored on `val`
+    t = cfg.train
+    n_train = build_loader(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size, dp_rank=0, dp_size=1,
+                           seed=t.seed, split="train").num_samples()[0]
+    counts = Counter(split_tokens(cfg, "train", n_train // t.global_batch_size))
+    total, vocab = sum(counts.values()), cfg.model.vocab_size
+    cross = -sum(math.log((counts[x] + 0.5) / (total + 0.5 * vocab)) for x in val) / len(val)
+    assert summary["unigram_training_tokens"] == total
+    assert summary["unigram_cross_entropy"] == pytest.approx(cross, rel=1e-9)
+    assert summary["unigram_cross_entropy"] > summary["unigram_entropy"]  # the in-sample fit is the lower one
+    assert f"on the same validation tokens: {cross:.3f}" in stdout
+    assert f"unigram entropy of the same validation tokens" in stdout and f"{entropy(val):.3f}" in stdout
 
 
 @pytest.mark.slow
