@@ -1,39 +1,165 @@
-"""``python -m tools.demo``: the end-to-end demo on 2 CPU cores, in a few minutes.
+"""``python -m tools.demo``: the end-to-end demo on 2 CPU cores, about 5 minutes of training.
 
 1. prepare the embedded corpus (Python's own sources and docs) into token shards, training a
    small byte-level BPE tokenizer on the way;
-2. train the tiny LLaDA of ``configs/demo.yaml``, showing the loss falling, saving checkpoints;
-3. export the final checkpoint to Hugging Face format (LLaDA's layout, remote code included);
-4. sample text from the export with LLaDA's reverse process.
+2. train the tiny LLaDA of ``configs/demo.yaml`` (1,800 steps), evaluating the bound on the
+   validation split at the start, every 300 steps and at the end, saving checkpoints;
+3. draw the run's curves with ``tools.plot`` into ``RUN_DIR/plots``;
+4. export the final checkpoint to Hugging Face format (LLaDA's layout, remote code included);
+5. sample text from the export with LLaDA's reverse process;
+6. print what the run learned, every number read from this run: the validation bound at the
+   start and at the end next to unigram references on the same validation tokens (a unigram
+   model of the training split, and the entropy of those tokens' own distribution), the training
+   loss of the least- and most-masked t-buckets, the plots and the samples. The same numbers go to
+   ``RUN_DIR/demo_summary.json``.
 
-Each step runs the same command a user would type; they are printed as they run.
+Each step runs the command a user would type; they are printed as they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import resource
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+CONFIG = "configs/demo.yaml"
+PROMPTS = ("def read_file(path):", "The list type")
 
-def run(args: list[str]) -> None:
+
+def run(args: list[str], *, capture: bool = False) -> str:
     print(f"\n$ python {shlex.join(args)}", flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+    proc = subprocess.run([sys.executable, *args], check=True, stdout=subprocess.PIPE if capture else None, text=True)
+    return proc.stdout if capture else ""
+
+
+UNIGRAM_PRIOR = 0.5  # add-1/2 (Krichevsky-Trofimov) counts: a token the training split lacks still gets mass
+
+
+def _loader(cfg, split: str):
+    from data.loader import build_loader
+
+    t = cfg.train
+    return build_loader(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                        dp_rank=0, dp_size=1, seed=t.seed, split=split)
+
+
+def unigram_references(cfg) -> dict:
+    """The unigram references for the bound, on exactly the validation tokens the in-training
+    evaluation scores (its ``eval.batches`` batches):
+
+    - ``unigram_cross_entropy``: nats/token of a unigram model fit on the training split (one epoch
+      of its windows, add-1/2 counts over the vocabulary) on those tokens: a held-out score, like
+      the bound itself;
+    - ``unigram_entropy``: the entropy of those tokens' own unigram distribution, i.e. a unigram
+      model fit to the very tokens it is scored on. No unigram model scores lower on them; it sits
+      below the held-out figure by the sample's overfit (a few held-out documents, 4,096 types).
+    """
+    import torch
+
+    vocab = cfg.model.vocab_size
+    val = torch.cat([_loader(cfg, "validation").batch(k)["input_ids"].reshape(-1) for k in range(cfg.eval.batches)])
+    own = torch.bincount(val, minlength=vocab).double()
+    p = own[own > 0] / val.numel()
+    train, counts = _loader(cfg, "train"), torch.zeros(vocab, dtype=torch.float64)
+    for k in range(train.num_samples()[0] // cfg.train.global_batch_size):
+        counts += torch.bincount(train.batch(k)["input_ids"].reshape(-1), minlength=vocab).double()
+    q = (counts + UNIGRAM_PRIOR) / (counts.sum() + UNIGRAM_PRIOR * vocab)
+    return {
+        "unigram_cross_entropy": float(-q.log()[val].mean()),
+        "unigram_entropy": float(-(p * p.log()).sum()),
+        "validation_tokens": int(val.numel()),
+        "unigram_training_tokens": int(counts.sum()),
+    }
+
+
+def bucket_means(records: list[dict], n_buckets: int, steps: tuple[int, int]) -> dict[str, float]:
+    """Mean logged training loss of each t-bucket over the records with ``lo <= step <= hi``."""
+    lo, hi = steps
+    out = {}
+    for i in range(n_buckets):
+        vals = [r[f"loss_t{i}"] for r in records if lo <= r["step"] <= hi and isinstance(r.get(f"loss_t{i}"), (int, float))
+                and math.isfinite(r[f"loss_t{i}"])]
+        out[f"loss_t{i}"] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def summarize(run_dir: Path, cfg, references: dict) -> dict:
+    """The demo's numbers, read from the run's ``metrics.jsonl``."""
+    from tools.plot import read_metrics, series
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    eval_steps, bounds = series(records, "eval_bound")
+    if not eval_steps:
+        raise SystemExit(f"error: {run_dir}/metrics.jsonl holds no eval_bound (was eval.every 0?)")
+    train = [r for r in records if "loss" in r]
+    last_step = train[-1]["step"]
+    # a logged step's bucket loss covers a few sequences: average a window of logged steps
+    span = max(1, last_step // 6)
+    n = cfg.logging.t_buckets
+    first = (1, max(train[0]["step"], span // 3))  # the start: before the first fast drop is over
+    last = (last_step - span + 1, last_step)
+    return {
+        "steps": last_step,
+        "bound_start": {"step": eval_steps[0], "value": bounds[0]},
+        "bound_end": {"step": eval_steps[-1], "value": bounds[-1]},
+        **references,
+        "t_buckets": n,
+        "bucket_loss_first": {"steps": list(first), **bucket_means(train, n, first)},
+        "bucket_loss_last": {"steps": list(last), **bucket_means(train, n, last)},
+    }
+
+
+def report(s: dict, plots: list[str], samples: str, timing: dict) -> str:
+    n = s["t_buckets"]
+    b0, b1 = s["bound_start"], s["bound_end"]
+    f, l = s["bucket_loss_first"], s["bucket_loss_last"]
+    gap = s["unigram_cross_entropy"] - b1["value"]
+    lines = [
+        "",
+        "=" * 78,
+        f"What the run learned ({s['steps']} steps; {timing['train_wall_s']:.0f} s of training, "
+        f"{timing['train_cpu_s']:.0f} CPU-s):",
+        f"  validation bound (nats/token, {s['validation_tokens']:,} held-out tokens, fixed noise):",
+        f"    step {b0['step']:>5}: {b0['value']:.3f}",
+        f"    step {b1['step']:>5}: {b1['value']:.3f}",
+        f"  unigram model of the training split ({s['unigram_training_tokens']:,} tokens) on the same validation "
+        f"tokens: {s['unigram_cross_entropy']:.3f}",
+        f"    -> the bound is {abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} it",
+        f"  unigram entropy of the same validation tokens (their own distribution, the least any unigram model "
+        f"scores on them): {s['unigram_entropy']:.3f}",
+        f"  training loss by t-bucket (mean of the logged steps {f['steps'][0]}-{f['steps'][1]} -> "
+        f"{l['steps'][0]}-{l['steps'][1]}):",
+        f"    least masked, t in [0, {1 / n:.2f}): {f['loss_t0']:.3f} -> {l['loss_t0']:.3f}",
+        f"    most masked,  t in [{(n - 1) / n:.2f}, 1): {f[f'loss_t{n - 1}']:.3f} -> {l[f'loss_t{n - 1}']:.3f}",
+        "  plots:",
+        *(f"    {p}" for p in plots),
+        "  samples from the HF export (temperature 0.8):",
+        *(f"    {line}" for line in samples.strip().splitlines()),
+        "=" * 78,
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--data", default=None, help="token shard folder (default RUN_DIR/data, prepared if missing)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override train.max_steps (the schedule's decay and the evaluations scale with it)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more override for python -m train (repeatable)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    data_dir = run_dir / "data"
+    data_dir = Path(args.data) if args.data else run_dir / "data"
     # a fresh run each time (the prepared shards are kept and reused)
-    for stale in ("checkpoints", "hf", "metrics.jsonl", "wandb"):
+    for stale in ("checkpoints", "hf", "plots", "metrics.jsonl", "events.jsonl", "wandb", "demo_summary.json"):
         path = run_dir / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -43,25 +169,53 @@ def main(argv: list[str] | None = None) -> int:
     run(["-m", "data.prepare", "--input", "embedded", "--output", str(data_dir)])
     overrides = [f"train.out_dir={run_dir}", f"data.sources=[{{path: {data_dir}}}]"]
     if args.steps is not None:
-        overrides.append(f"train.max_steps={args.steps}")
-    run(["-m", "train", "configs/demo.yaml", *overrides])
+        from train.config import load_config
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    early, late = records[1:4], records[-3:]  # the per-step loss is noisy: average a few logged steps
-    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
-    print(
-        f"\nloss: {records[0]['loss']:.3f} at step 1; mean {mean(early):.3f} at steps "
-        f"{early[0]['step']}-{early[-1]['step']}; mean {mean(late):.3f} at steps {late[0]['step']}-{late[-1]['step']}"
-    )
+        base = load_config(CONFIG, check_paths=False)
+        scale = args.steps / base.train.max_steps
+        every = max(1, round(base.eval.every * scale))
+        overrides += [
+            f"train.max_steps={args.steps}",
+            f"train.warmup_steps={max(1, round(base.train.warmup_steps * scale))}",
+            f"train.decay_steps={round(base.train.decay_steps * scale)}",
+            f"eval.every={every if args.steps % every == 0 else args.steps}",  # always one at the last step
+            f"logging.log_every={max(1, round(base.logging.log_every * scale))}",
+        ]
+    overrides += args.set
+
+    from train.config import load_config
+
+    cfg = load_config(CONFIG, overrides)
+    if cfg.eval.every <= 0 or cfg.train.max_steps % cfg.eval.every:
+        raise SystemExit(f"error: the demo needs an evaluation at the last step (eval.every={cfg.eval.every}, "
+                         f"train.max_steps={cfg.train.max_steps})")
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    run(["-m", "train", CONFIG, *overrides])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timing = {
+        "train_wall_s": time.perf_counter() - start,
+        "train_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+    }
+
+    references = unigram_references(cfg)
+    summary = summarize(run_dir, cfg, references)
+    plots = run([
+        "-m", "tools.plot", str(run_dir),
+        "--hline", f"unigram model (training split)={references['unigram_cross_entropy']:.4f}",
+        "--hline", f"unigram entropy (validation tokens)={references['unigram_entropy']:.4f}",
+    ], capture=True).split()
 
     hf_dir = run_dir / "hf"
     run(["-m", "tools.convert_to_hf", str(run_dir), str(hf_dir), "--force"])
-    run([
-        "-m", "tools.generate", "--checkpoint", str(hf_dir),
-        "--prompt", "def read_file(path):", "--prompt", "The list type",
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    samples = run([
+        "-m", "tools.generate", "--checkpoint", str(hf_dir), *prompts,
         "--gen-length", "48", "--steps", "48", "--block-length", "16", "--temperature", "0.8",
-    ])
-    print(f"\ndemo done: run folder {run_dir}, HF export {hf_dir}")
+    ], capture=True)
+    summary.update(timing=timing, plots=plots, samples=samples)
+    (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(report(summary, plots, samples, timing))
+    print(f"\ndemo done: run folder {run_dir}, HF export {hf_dir}, numbers in {run_dir / 'demo_summary.json'}")
     return 0
 
 

@@ -11,14 +11,17 @@ A run config has seven sections, each a dataclass owned by what it configures:
     guard:    train.guards.GuardConfig   (non-finite and loss-spike guards, rollback)
 
 In a YAML file, ``model:`` may be a path to a model YAML (relative to the file, or to the current
-directory), e.g. ``model: model/tiny.yaml``. Unknown keys, wrong types and impossible values fail
-in ``load_config`` with one ``ConfigError`` line that names the key.
+directory), e.g. ``model: model/tiny.yaml``; on the command line ``model=configs/model/NAME.yaml``
+replaces the file's model as a whole (``model.KEY=VALUE`` overrides then apply on top). A run config
+must name its model: the schema's defaults are LLaDA-8B's, never built silently from an empty file.
+Unknown keys, wrong types and impossible values fail in ``load_config`` with one ``ConfigError``
+line that names the key.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,6 +96,7 @@ class EvalConfig:
     every: int = 0  # evaluate the bound on the validation split every N steps (0: never)
     batches: int = 2
     seed: int = 1234  # fixed noise: the same masks at every evaluation
+    at_start: bool = False  # also evaluate the initial weights (logged as step 0) on a fresh run
 
 
 @dataclass
@@ -115,14 +119,63 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
 
 
+def _read_model_file(ref: str, search_dirs: list[Path]) -> Any:
+    """The mapping of a model YAML named by ``ref`` (absolute, or relative to one of ``search_dirs``)."""
+    path = Path(ref)
+    candidates = [path] if path.is_absolute() else [d / path for d in search_dirs]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = " and ".join(dict.fromkeys(str(d.resolve()) for d in search_dirs))
+        raise ConfigError(f"model config file not found: {ref}" + ("" if path.is_absolute() else f" (looked in {where})"))
+    raw = _read_yaml(found)
+    # name what is wrong without echoing the file (it may be any file: `model: /etc/passwd`)
+    if not OmegaConf.is_dict(raw) or not raw:
+        raise ConfigError(f"{found}: not a model config (expected a mapping of model keys, e.g. configs/model/tiny.yaml)")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = [str(k) for k in raw if str(k) not in known]
+    if unknown:
+        key = unknown[0].splitlines()[0] if unknown[0].strip() else repr(unknown[0])
+        key = key if len(key) <= 40 else key[:40] + "..."
+        raise ConfigError(f"{found}: not a model config: unknown model key '{key}' (model keys: {', '.join(sorted(known)[:4])}, ...)")
+    return raw
+
+
 def _resolve_model_include(raw: Any, base_dir: Path) -> None:
     if "model" in raw and isinstance(raw["model"], str):
-        ref = Path(raw["model"])
-        candidates = [ref] if ref.is_absolute() else [base_dir / ref, Path.cwd() / ref, base_dir.parent / ref]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise ConfigError(f"model config file not found: {raw['model']} (looked in {base_dir} and {Path.cwd()})")
-        raw["model"] = _read_yaml(found)
+        raw["model"] = _read_model_file(raw["model"], [base_dir, Path.cwd(), base_dir.parent])
+
+
+def _model_overrides(overrides: list[str], base_dir: Path) -> tuple[Any | None, list[str]]:
+    """Split ``model=FILE`` (a model YAML on the command line) off the overrides.
+
+    Like a config group in Hydra, the file (or an inline mapping, ``model={d_model: 64, ...}``)
+    replaces the model section of the YAML as a whole, and ``model.KEY=VALUE`` overrides then apply
+    on top of it wherever they stand on the line; the last ``model=`` wins."""
+    model, rest = None, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not (sep and key.strip() == "model"):
+            rest.append(item)
+            continue
+        value = value.strip()
+        if value.startswith("{"):
+            try:
+                model = OmegaConf.from_dotlist([f"model={value}"])["model"]
+            except Exception as e:  # OmegaConf's and YAML's parse errors
+                raise ConfigError(f"bad value for 'model': {str(e).splitlines()[0]}") from None
+            if not OmegaConf.is_dict(model):
+                raise ConfigError(f"bad value for 'model': {value} (a model YAML file or a mapping)")
+        elif value:
+            model = _read_model_file(value, [Path.cwd(), base_dir, base_dir.parent])
+        else:
+            raise ConfigError("override 'model=' names no model file (e.g. model=configs/model/tiny.yaml)")
+    return model, rest
+
+
+def _names_model(raw_files: list[Any]) -> bool:
+    """Whether the YAML or ``model=`` on the command line named a model (the schema's defaults are
+    LLaDA-8B's: an empty config must not silently build an 8B model)."""
+    return any("model" in raw and raw["model"] is not None for raw in raw_files)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -152,14 +205,31 @@ def merge_config(raw_files: list[Any], overrides: list[str]) -> RunConfig:
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, check_paths: bool = True) -> RunConfig:
     """Load a run config from a YAML file (or only defaults + overrides when path is None)."""
     raw_files = []
+    base_dir = Path.cwd()
     if path is not None:
         path = Path(path)
+        base_dir = path.parent
         raw = _read_yaml(path)
+        if raw is None or OmegaConf.is_dict(raw) and not raw:
+            raw = OmegaConf.create({})  # an empty file: caught below as a config without a model
         if not OmegaConf.is_dict(raw):
             raise ConfigError(f"{path}: a run config must be a mapping of sections")
+        if "model" in raw and raw["model"] is None:  # `model:` with nothing after it
+            del raw["model"]
         _resolve_model_include(raw, path.parent)
         raw_files.append(raw)
-    cfg = merge_config(raw_files, list(overrides or []))
+    model_file, overrides = _model_overrides(list(overrides or []), base_dir)
+    if model_file is not None:  # replaces the YAML's model section, not merged into it
+        if raw_files:
+            raw_files[0]["model"] = model_file
+        else:
+            raw_files.append(OmegaConf.create({"model": model_file}))
+    cfg = merge_config(raw_files, overrides)
+    if path is not None and not _names_model(raw_files):
+        raise ConfigError(
+            f"{path}: no model named: add `model: model/tiny.yaml` (a model YAML, relative to the config) "
+            "or pass model=configs/model/NAME.yaml"
+        )
     validate(cfg, check_paths=check_paths)
     return cfg
 

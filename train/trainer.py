@@ -496,6 +496,8 @@ class Trainer:
         if self.is_logging_rank and log.progress_bar:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         try:
+            if self.val_loader is not None and self.cfg.eval.at_start and self.step == 0:
+                self.metrics.log(0, {"eval_bound": self.evaluate()})  # the bound the training starts from
             while self.step < t.max_steps:
                 values = self.train_step()
                 if self.rollback_due():

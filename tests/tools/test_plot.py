@@ -6,7 +6,7 @@ import math
 import pytest
 
 from tests.conftest import run_module
-from tools.plot import bucket_keys, plot_run, read_metrics, series
+from tools.plot import bucket_keys, default_window, plot_run, read_metrics, series, smooth
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,3 +60,45 @@ def test_bad_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
     with pytest.raises(ValueError, match=":2: not a JSON object"):
         read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_smooth_is_a_centred_moving_average():
+    assert smooth([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
+    assert smooth([1.0, 5.0], 1) == [1.0, 5.0]
+    assert smooth([], 5) == []
+    assert smooth([2.0] * 7, 4) == [2.0] * 7
+    assert default_window(10) == 3 and default_window(90) == 9
+
+
+def test_smoothing_makes_a_small_batch_bucket_curve_readable():
+    # a per-step bucket loss at the demo's batch (a few sequences per bucket): trend + large noise
+    import random
+
+    rng = random.Random(0)
+    trend = [8.0 - 3.0 * s / 90 for s in range(90)]
+    noisy = [v + rng.gauss(0, 0.6) for v in trend]
+    smoothed = smooth(noisy, default_window(len(noisy)))
+    err = lambda xs: math.sqrt(sum((x - t) ** 2 for x, t in zip(xs, trend)) / len(xs))  # noqa: E731
+    assert err(smoothed) < err(noisy) / 2
+
+
+def test_references_and_smoothing_options(tmp_path):
+    write_metrics(tmp_path / "run")
+    paths = plot_run(tmp_path / "run", smooth_window=1, references={"unigram entropy": 6.6})
+    assert all(p.is_file() for p in paths)
+    proc = run_module(["-m", "tools.plot", str(tmp_path / "run"), "--smooth", "5", "--hline", "unigram entropy=6.6",
+                       "--hline", "bigram=5.1"])
+    assert "loss_by_t.png" in proc.stdout
+    bad = run_module(["-m", "tools.plot", str(tmp_path / "run"), "--hline", "unigram=abc"], check=False)
+    assert bad.returncode == 2 and "expected LABEL=NUMBER" in bad.stderr
+
+
+def test_eval_only_record_at_step_zero(tmp_path):
+    # eval.at_start logs {"step": 0, "eval_bound": ...} with no training loss
+    write_metrics(tmp_path / "run", steps=10)
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 0, "eval_bound": 8.3}) + "\n" + path.read_text())
+    recs = read_metrics(path)
+    assert series(recs, "eval_bound") == ([0, 10], [8.3, recs[-1]["eval_bound"]])
+    assert series(recs, "loss")[0][0] == 1
+    assert len(plot_run(tmp_path / "run")) == 3
