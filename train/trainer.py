@@ -26,6 +26,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,9 +86,10 @@ class Trainer:
         # Install the preemption handlers first: a SIGTERM/SIGUSR1 that arrives during setup
         # (the launchers ignore USR1 until here) is then honoured after the first step.
         self.stop_signal: int | None = None
+        self._in_loop = False  # False during setup: SIGTERM/SIGINT then exit at once (nothing to save)
+        self.preempted = False  # set when a stop signal ended the run (after its checkpoint)
         self._save_thread: _SaveThread | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
         self.out_dir = Path(t.out_dir)
@@ -479,13 +481,33 @@ class Trainer:
                 raise thread.error
 
     def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum
+        """SIGUSR1 (a preemption warning), SIGTERM and SIGINT (Ctrl-C): finish the step, save, exit 0.
+        Before the loop starts (setup) SIGTERM/SIGINT exit at once: nothing has been trained yet."""
+        if not self._in_loop and signum != signal.SIGUSR1:
+            raise Interrupted(f"signal {signal.Signals(signum).name} during setup: nothing trained yet; exiting")
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            print(
+                f"signal {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
+                "(Ctrl-\\ aborts without saving)", file=sys.stderr, flush=True,
+            )
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1 if self.stop_signal is not None else 0])
+        """Whether any rank got a stop signal; every rank gets the same answer (and signal number),
+        so all of them save after the same step, whichever ranks the signal reached."""
+        local = int(self.stop_signal or 0)
+        agreed = local
         if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([local], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            agreed = int(flag.item())
+        if agreed and self.stop_signal is None:
+            self.stop_signal = agreed  # the signal reached another rank only
+        return agreed != 0
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     # ----- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -494,6 +516,7 @@ class Trainer:
         bar = None
         if self.is_logging_rank and log.progress_bar:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self._in_loop = True
         try:
             while self.step < t.max_steps:
                 values = self.train_step()
@@ -516,10 +539,12 @@ class Trainer:
                 if self._stop_requested():
                     path = self.save()
                     self.wait_for_save()
+                    name = signal.Signals(self.stop_signal).name
                     self.events.write(
-                        "preempted", step=self.step, signal=int(self.stop_signal), checkpoint=str(path),
-                        console=f"signal {self.stop_signal}: saved {path} at step {self.step}; exiting",
+                        "preempted", step=self.step, signal=int(self.stop_signal), signal_name=name,
+                        checkpoint=str(path), console=f"signal {name}: saved {path} at step {self.step}; exiting",
                     )
+                    self.preempted = True
                     return history
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save()
@@ -534,16 +559,29 @@ class Trainer:
             if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
                 raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RuntimeError(
+            raise CollectiveError(
                 f"rank {dist.get_rank()}: a collective failed at step {self.step + 1} ({first}); "
                 f"{likely_cause(first)}; waits longer than train.collective_timeout_s="
                 f"{self.cfg.train.collective_timeout_s} fail. Relaunch with train.resume=true to continue from "
                 "the last checkpoint"
             ) from e
         finally:
+            self._in_loop = False
+            self._restore_signal_handlers()
             if bar is not None:
                 bar.close()
             self.metrics.close()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Interrupted(Exception):
+    """A stop signal before training started: exit at once (``python -m train`` exits 0)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed (a peer rank died, hangs or disagrees): one line for the user."""
 
 
 def likely_cause(error: str) -> str:
