@@ -49,12 +49,7 @@ _WORKER: dict = {}
 
 def load_tokenizer(path: str):
     """A Hugging Face *fast* tokenizer from a directory; ValueError naming the path otherwise."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises OSError/ValueError/... for a bad directory
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+    tok = S.load_tokenizer_dir(path, "--tokenizer")
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"{path}: not a fast (Rust) tokenizer; data.prepare needs one")
     if tok.eos_token_id is None:

@@ -139,7 +139,7 @@ def test_torchrun_sh_exits_0_on_one_rank_sigusr1_on_sigterm_to_torchrun_and_on_c
         # SIGUSR1 to rank 0 only (the logging rank)
         (signal.SIGUSR1, lambda proc: [_ranks(proc.pid)[0]], "signal SIGUSR1: saved"),
         # SIGTERM to torchrun itself (not the script): torchrun forwards it and reports a failure
-        (signal.SIGTERM, lambda proc: [k for k in _children(proc.pid)], "ranks saved and stopped cleanly"),
+        (signal.SIGTERM, lambda proc: [k for k in _children(proc.pid)], "saved and stopped cleanly; exiting 0"),
         # Ctrl-C: SIGINT to the script, which forwards it to the ranks
         (signal.SIGINT, lambda proc: [proc.pid], "SIGINT -> ranks"),
     ]
