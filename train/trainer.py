@@ -62,6 +62,7 @@ from train.guards import GuardError, StepGuard
 from train.hardware import current_device_name, mfu
 from train.metrics import EventLog, MetricsLogger
 from train.performance import compile_blocks
+from train.runlock import RunLock
 from train.schedule import wsd_lr
 
 
@@ -93,6 +94,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
         self.out_dir = Path(t.out_dir)
+        # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
+        self._run_lock = RunLock(self.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         self.engine = self._build_engine()
         self.dp_rank = getattr(self.engine, "dp_rank", 0)
         self.dp_size = getattr(self.engine, "dp_size", 1)
@@ -568,6 +571,8 @@ class Trainer:
         finally:
             self._in_loop = False
             self._restore_signal_handlers()
+            if self._run_lock is not None:
+                self._run_lock.release()
             if bar is not None:
                 bar.close()
             self.metrics.close()

@@ -253,3 +253,40 @@ def test_resume_after_a_killed_process(tmp_path, small_tokenizer):
     a, b = read_docs(tmp_path / "ref"), read_docs(out)
     assert [s["sha256"] for s in a[0]["shards"]] == [s["sha256"] for s in b[0]["shards"]]
     assert a[0]["total_documents"] == b[0]["total_documents"] == 6000
+
+
+def test_resume_refuses_when_an_input_was_added_after_the_interruption(tmp_path, small_tokenizer, docs, monkeypatch):
+    """Issue 21, item 4: a file added to an input folder between an interruption and the rerun
+    would shift the record numbers resuming relies on (one document repeated, one lost)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": d} for d in docs[:200]])
+    write_jsonl(folder / "c.jsonl", [{"text": d} for d in docs[200:]])
+    real = S.write_shard
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "write_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    monkeypatch.setattr(S, "write_shard", real)
+    write_jsonl(folder / "b.jsonl", [{"text": "an added document"}])  # sorts between a and c
+    with pytest.raises(ValueError, match=r"changed since: input files added: \S+/in/b\.jsonl\); resuming would"):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    (folder / "b.jsonl").unlink()
+    (folder / "c.jsonl").write_text((folder / "c.jsonl").read_text() + json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(ValueError, match=r"input files changed: \S+/in/c\.jsonl"):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    with pytest.raises(ValueError, match=r"option text_field: 'text' -> 'body'"):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False,
+                opts=ReadOptions(text_field="body"))
+    # --overwrite over the new inputs equals a fresh run over them
+    again = prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False, overwrite=True)
+    fresh = prepare([str(folder)], str(tmp_path / "fresh"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in fresh["shards"]]
+    assert again["total_documents"] == 401
