@@ -74,6 +74,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_attention_backend(backend: str, device: torch.device, precision: str) -> None:
+    """A pinned attention kernel that cannot run here fails at start, not at the first step."""
+    from model.attention import EXTERNAL, external_kernel
+
+    if backend in EXTERNAL or backend in ("sdpa_cudnn", "sdpa_efficient"):  # sdpa_flash has a CPU kernel
+        if device.type != "cuda":
+            raise ConfigError(f"train.attention_backend={backend} needs a CUDA GPU (the device is {device.type}); use auto or sdpa")
+    if backend in EXTERNAL:
+        if external_kernel(backend) is None:
+            raise ConfigError(f"train.attention_backend={backend} needs {EXTERNAL[backend][0]} installed; use auto or sdpa")
+        if precision != "bf16":
+            raise ConfigError(f"train.attention_backend={backend} runs in bf16 only: set train.precision=bf16, or use auto or sdpa")
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -93,6 +107,7 @@ class Trainer:
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
+        check_attention_backend(t.attention_backend, self.device, t.precision)
         self.out_dir = Path(t.out_dir)
         # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
         self._run_lock = RunLock(self.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
@@ -202,6 +217,11 @@ class Trainer:
                 tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
             return
         self._restore(ckpt)
+        if self.step > self.cfg.train.max_steps:
+            raise ConfigError(
+                f"resume: {ckpt} is at step {self.step}, past train.max_steps={self.cfg.train.max_steps}; "
+                f"raise train.max_steps to train on, or use another train.out_dir to start over"
+            )
         if self.is_logging_rank:
             tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
 
@@ -521,6 +541,10 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         self._in_loop = True
         try:
+            if self.step >= t.max_steps:  # resumed at the end: nothing to train, nothing to save
+                if self.is_logging_rank:
+                    tqdm.write(f"done: already at step {self.step} = train.max_steps; nothing to train (raise train.max_steps to go on)")
+                return history
             while self.step < t.max_steps:
                 values = self.train_step()
                 if self.rollback_due():
