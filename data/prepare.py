@@ -515,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-field", default="response")
     p.add_argument("--messages-field", default="messages", help="chat messages rendered with the tokenizer's chat template")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to every document")
+    p.add_argument("--max-record-chars", type=int, default=ReadOptions.max_record_chars,
+                   help="a longer record is a bad record (bounds tokenizer memory; default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
     p.add_argument("--batch-docs", type=int, default=DEFAULT_BATCH_DOCS, help="documents per tokenization batch")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (closed at the next document end)")
@@ -532,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         text_field=args.text_field, sft=args.sft, prompt_field=args.prompt_field, response_field=args.response_field,
         messages_field=args.messages_field, text_unit=args.text_unit, embedded_bytes=args.embedded_bytes,
         hf_config=args.hf_config, hf_split=args.split, hf_data_files=args.hf_data_files,
+        max_record_chars=args.max_record_chars,
     )
     try:
         prepare(
