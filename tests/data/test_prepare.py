@@ -255,6 +255,18 @@ def test_resume_after_a_killed_process(tmp_path, small_tokenizer):
     assert a[0]["total_documents"] == b[0]["total_documents"] == 6000
 
 
+def _stop_at_call(n: int, real):
+    calls = []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return stopping
+
+
 def test_resume_refuses_when_an_input_was_added_after_the_interruption(tmp_path, small_tokenizer, docs, monkeypatch):
     """Issue 21, item 4: a file added to an input folder between an interruption and the rerun
     would shift the record numbers resuming relies on (one document repeated, one lost)."""
@@ -262,19 +274,10 @@ def test_resume_refuses_when_an_input_was_added_after_the_interruption(tmp_path,
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"text": d} for d in docs[:200]])
     write_jsonl(folder / "c.jsonl", [{"text": d} for d in docs[200:]])
-    real = S.write_shard
-    calls = {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(S, "write_shard", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
-    monkeypatch.setattr(S, "write_shard", real)
+    with monkeypatch.context() as patch:  # Ctrl-C while the second shard is written
+        patch.setattr(S, "write_shard", _stop_at_call(2, S.write_shard))
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
     write_jsonl(folder / "b.jsonl", [{"text": "an added document"}])  # sorts between a and c
     with pytest.raises(ValueError, match=r"changed since: input files added: \S+/in/b\.jsonl\); resuming would"):
         prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
