@@ -32,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    try:
+        return _train(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
+        print("stopped: interrupted (Ctrl-C) outside the training loop; nothing saved", file=sys.stderr)
+        return 130
+
+
+def _train(argv: list[str]) -> int:
     from train.config import ConfigError, load_config
     from train.guards import GuardError
 
@@ -60,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except GuardError as e:  # the run diverged and cannot roll back: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
-        print("stopped: interrupted before training started; nothing to save", file=sys.stderr)
-        return 130
     return 0
 
 
