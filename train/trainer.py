@@ -98,8 +98,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         t = cfg.train
-        # Install the preemption handlers first: a SIGTERM/SIGUSR1 that arrives during setup
-        # (the launchers ignore USR1 until here) is then honoured after the first step.
+        # Install the stop-signal handlers first: a SIGUSR1 that arrives during setup (the
+        # launchers ignore USR1 until here) is honoured after the first step; SIGTERM/SIGINT
+        # during setup stop at once (nothing trained yet, nothing to save).
         self.stop_signal: int | None = None
         self._in_loop = False  # False during setup: SIGTERM/SIGINT then exit at once (nothing to save)
         self.preempted = False  # set when a stop signal ended the run (after its checkpoint)
@@ -605,8 +606,9 @@ class Trainer:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-class Interrupted(Exception):
-    """A stop signal before training started: exit at once (``python -m train`` exits 0)."""
+class Interrupted(BaseException):
+    """A stop signal before training started: exit at once (``python -m train`` exits 0). A
+    BaseException, like KeyboardInterrupt, so that no library's ``except Exception`` swallows it."""
 
 
 class CollectiveError(RuntimeError):
