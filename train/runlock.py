@@ -9,9 +9,11 @@ work on NFS with a lock daemon. The lock file stays empty: it is never part of a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 
 LOCK_FILE = ".lock"
@@ -55,9 +57,13 @@ class RunLock:
             raise RunFolderBusy(f"train.out_dir {out}: cannot create the run folder or its lock file ({e.strerror})") from None
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             os.close(self._fd)
             self._fd = None
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no locks on this filesystem
+                print(f"warning: train.out_dir {out}: cannot lock the run folder ({e.strerror}); "
+                      "nothing stops a second run from using it at the same time", file=sys.stderr)
+                return
             raise RunFolderBusy(
                 f"train.out_dir {out} is in use by another run ({_holder(self.path)}); wait for it to end or stop "
                 "it (SIGTERM saves a checkpoint), or choose another train.out_dir"

@@ -377,3 +377,16 @@ def test_convert_from_hf_bad_input_is_one_line(row, hf_export, tmp_path, capsys)
     assert convert_from_hf.main([str(folder), str(tmp_path / "out")]) == 1
     assert re.fullmatch(expected, _last_line(capsys.readouterr().err))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_filesystem_without_locks_warns_instead_of_refusing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import train.runlock as runlock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "lockf", no_locks)
+    runlock.RunLock(tmp_path / "run").release()
+    assert capsys.readouterr().err.startswith(f"warning: train.out_dir {tmp_path / 'run'}: cannot lock the run folder (No locks available)")
