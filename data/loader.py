@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.shards import MANIFEST, TOKENIZER_DIR, ShardSet, join, manifest_digest, tokenizer_fingerprint
+from data.shards import MANIFEST, TOKENIZER_DIR, ShardSet, join, load_tokenizer_dir, manifest_digest, tokenizer_fingerprint
 from data.sources import open_shard_dir
 
 STATE_FORMAT = "difftron-loader"
@@ -234,21 +234,18 @@ class Loader:
         self._next_step = 0
 
     def _tokenizer_path(self) -> str:
+        """data.tokenizer, else the shards' own copy; either is checked against the fingerprint
+        in the manifest (a changed tokenizer would train on ids that mean other tokens)."""
         stored = join(self.shard_sets[0].root, TOKENIZER_DIR)
-        if self.cfg.tokenizer is None:
-            return stored
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(self.cfg.tokenizer)
-        except Exception as e:
-            raise ValueError(f"data.tokenizer: cannot load a tokenizer from {self.cfg.tokenizer}: {e}") from None
+        path = stored if self.cfg.tokenizer is None else self.cfg.tokenizer
+        what = "the shards' tokenizer" if self.cfg.tokenizer is None else "data.tokenizer"
+        tok = load_tokenizer_dir(path, what)
         if tokenizer_fingerprint(tok) != self.shard_sets[0].manifest["tokenizer_fingerprint"]:
             raise ValueError(
-                f"data.tokenizer {self.cfg.tokenizer} differs from the tokenizer the shards were made with "
+                f"{what} {path} differs from the tokenizer the shards were made with "
                 f"(fingerprint in {join(self.shard_sets[0].root, MANIFEST)})"
             )
-        return self.cfg.tokenizer
+        return path
 
     # ----- index arithmetic -----------------------------------------------------------------
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,12 +49,7 @@ _WORKER: dict = {}
 
 def load_tokenizer(path: str):
     """A Hugging Face *fast* tokenizer from a directory; ValueError naming the path otherwise."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises OSError/ValueError/... for a bad directory
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+    tok = S.load_tokenizer_dir(path, "--tokenizer")
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"{path}: not a fast (Rust) tokenizer; data.prepare needs one")
     if tok.eos_token_id is None:
@@ -317,6 +312,55 @@ def _source_description(inputs: list[str], hf_dataset: Optional[str], opts: Read
     return {"inputs": [norm(i) for i in inputs], "hf_dataset": hf_dataset, "add_bos": add_bos, "options": asdict(opts)}
 
 
+INPUTS_FILE = "inputs.json"  # the input files (size, modification stamp) the shards are made from
+
+
+def _input_files(inputs: list[str]) -> list[list]:
+    """[path, size, stamp] of every input file, in reading order (``embedded`` has none). A resume
+    checks them: a file added, removed or changed after an interruption would shift the record
+    numbering that resuming relies on (documents duplicated or lost)."""
+    from data.sources import expand_input
+
+    out = []
+    for spec in inputs:
+        if spec == "embedded":
+            continue
+        fs, _ = fsspec.core.url_to_fs(spec)
+        for path in expand_input(spec):
+            info = fs.info(path)
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or ""
+            out.append([path, int(info.get("size") or 0), str(stamp)])
+    return out
+
+
+def _describe_changes(old: dict, new: dict, old_files: Optional[list], new_files: list) -> str:
+    """What differs between a shard directory's recorded source and this command, for the user."""
+    changes = []
+    if old_files is not None:
+        before, after = {f[0]: f[1:] for f in old_files}, {f[0]: f[1:] for f in new_files}
+        for label, names in (
+            ("added", [n for n in after if n not in before]),
+            ("removed", [n for n in before if n not in after]),
+            ("changed", [n for n in after if n in before and after[n] != before[n]]),
+        ):
+            if names:
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                changes.append(f"input files {label}: {shown}")
+    old_source, new_source = old.get("source", {}), new.get("source", {})
+    for key in ("inputs", "hf_dataset", "add_bos"):
+        if old_source.get(key) != new_source.get(key):
+            changes.append(f"{key}: {old_source.get(key)} -> {new_source.get(key)}")
+    old_opts, new_opts = old_source.get("options", {}), new_source.get("options", {})
+    for key in sorted(set(old_opts) | set(new_opts)):
+        if old_opts.get(key) != new_opts.get(key):
+            changes.append(f"option {key}: {old_opts.get(key)!r} -> {new_opts.get(key)!r}")
+    if old.get("tokenizer_fingerprint") != new.get("tokenizer_fingerprint"):
+        changes.append("another tokenizer")
+    if old.get("shard_tokens") != new.get("shard_tokens"):
+        changes.append(f"shard_tokens: {old.get('shard_tokens')} -> {new.get('shard_tokens')}")
+    return "; ".join(changes)
+
+
 def prepare(
     inputs: list[str], output: str, *, tokenizer: Optional[str] = None, hf_dataset: Optional[str] = None,
     opts: Optional[ReadOptions] = None, workers: int = 1, batch_docs: int = DEFAULT_BATCH_DOCS,
@@ -374,6 +418,8 @@ def _prepare(
     kind = "sft" if opts.sft else "pretrain"
     mpath = S.join(root, S.MANIFEST)
 
+    files = _input_files(inputs)
+    inputs_digest = S.sha256_bytes(json.dumps(files).encode("utf-8"))
     manifest = None
     if fs.exists(mpath) and not overwrite:
         old = S.read_manifest(fs, root)
@@ -381,10 +427,19 @@ def _prepare(
             overwrite = True  # an earlier run stopped before its first shard: nothing to keep
     if fs.exists(mpath) and not overwrite:
         same = old["source"] == source and old["tokenizer_fingerprint"] == fingerprint and old.get("shard_tokens") == shard_tokens
-        if not same:
+        same_files = old.get("inputs_digest", inputs_digest) == inputs_digest  # older manifests have none
+        if not (same and same_files):
+            old_files = None
+            if not same_files and fs.exists(S.join(root, INPUTS_FILE)):
+                with fs.open(S.join(root, INPUTS_FILE), "rb") as f:
+                    old_files = json.loads(f.read().decode("utf-8"))
+            change = _describe_changes(
+                old, {"source": source, "tokenizer_fingerprint": fingerprint, "shard_tokens": shard_tokens}, old_files, files,
+            ) or "the input files changed"
+            state = "complete" if old["complete"] else f"interrupted after {old['records_consumed']:,} records"
             raise ValueError(
-                f"{output} already holds shards of other data or another tokenizer (see its {S.MANIFEST}); "
-                f"use another --output or pass --overwrite"
+                f"{output} already holds shards of other data or another tokenizer ({state}; changed since: {change}); "
+                f"resuming would repeat or lose documents: restore the inputs, use another --output or pass --overwrite"
             )
         if old["complete"]:
             print(f"{output}: already complete ({old['total_tokens']:,} tokens in {len(old['shards'])} shards); nothing to do")
@@ -403,7 +458,9 @@ def _prepare(
             "tokenizer_source": "embedded" if inputs == ["embedded"] and not local_output else os.path.abspath(tokenizer), "source": source,
             "shard_tokens": shard_tokens, "shards": [], "records_consumed": 0, "total_tokens": 0,
             "total_documents": 0, "bad_records": 0, "empty_records": 0, "complete": False,
+            "inputs_digest": inputs_digest,
         }
+        S.write_atomic(fs, S.join(root, INPUTS_FILE), json.dumps(files).encode("utf-8"))
     _copy_tokenizer(fs, root, tokenizer)
     save_manifest(fs, root, manifest)
 
@@ -458,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-field", default="response")
     p.add_argument("--messages-field", default="messages", help="chat messages rendered with the tokenizer's chat template")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to every document")
+    p.add_argument("--max-record-chars", type=int, default=ReadOptions.max_record_chars,
+                   help="a longer record is a bad record (bounds tokenizer memory; default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
     p.add_argument("--batch-docs", type=int, default=DEFAULT_BATCH_DOCS, help="documents per tokenization batch")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (closed at the next document end)")
@@ -475,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         text_field=args.text_field, sft=args.sft, prompt_field=args.prompt_field, response_field=args.response_field,
         messages_field=args.messages_field, text_unit=args.text_unit, embedded_bytes=args.embedded_bytes,
         hf_config=args.hf_config, hf_split=args.split, hf_data_files=args.hf_data_files,
+        max_record_chars=args.max_record_chars,
     )
     try:
         prepare(

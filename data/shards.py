@@ -56,6 +56,31 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 24) 
     return h.hexdigest()
 
 
+def load_tokenizer_dir(path: str, what: str = "tokenizer"):
+    """A Hugging Face fast tokenizer from a local folder; one-line errors naming the folder or file
+    (a missing folder, a folder with no ``tokenizer.json``, a truncated or garbled file)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: no such folder: {path}")
+    known = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+    if not any((folder / name).is_file() for name in known):
+        raise ValueError(f"{what}: {path} is not a tokenizer folder (none of {', '.join(known)} in it)")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        spec = folder / name
+        if spec.is_file():
+            try:
+                json.loads(spec.read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{spec}: not valid JSON ({e}); the file is damaged or truncated") from None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises OSError/ValueError/... with several lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what}: cannot load a tokenizer from {path}: {first}") from None
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of a fast tokenizer's full serialization (model, normalizer, special tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
@@ -131,6 +156,10 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict:
     for key in ("dtype", "vocab_size", "shards", "tokenizer_fingerprint", "kind", "complete"):
         if key not in manifest:
             raise ValueError(f"{path}: manifest lacks the key {key!r}")
+    shards = manifest["shards"]
+    entry = ("name", "tokens", "documents", "sha256")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and all(k in s for k in entry) for s in shards):
+        raise ValueError(f"{path}: 'shards' must be a list of shard entries ({', '.join(entry)}), got {type(shards).__name__}")
     return manifest
 
 

@@ -12,12 +12,13 @@
 #   LAUNCH_MODULE (train: the module every rank runs)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120: seconds torchrun waits after forwarding SIGTERM)
 #
-# Signals: SIGUSR1 (the preemption warning, e.g. Slurm's --signal) is forwarded to the training
-# processes, which finish the step, save a checkpoint and exit 0; torchrun itself ignores it.
-# SIGTERM/SIGINT go to torchrun, which forwards them to the ranks.
+# Signals: SIGUSR1 (the preemption warning, e.g. Slurm's --signal), SIGTERM, SIGINT (Ctrl-C) and
+# SIGHUP (as SIGTERM) are forwarded to the training processes, which all finish the same step,
+# save a checkpoint and exit 0; then this script exits 0 (also when torchrun itself was signalled
+# and reports a failure, as long as every local rank saved and stopped cleanly).
 set -uo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then usage; [ $# -ge 1 ]; exit $?; fi
 CONFIG=$1; shift
 if [ ! -f "$CONFIG" ]; then echo "error: config file not found: $CONFIG" >&2; exit 2; fi
@@ -53,23 +54,44 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 echo "torchrun.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE proc(s), $(hostname -s): ${LAUNCH_MODULE:-train} $CONFIG $*" >&2
 
+# Each rank that stops cleanly on a signal (after saving) leaves a file here (train/__main__.py).
+STOP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/difftron-stop.XXXXXX") || exit 1
+export DIFFTRON_STOP_DIR=$STOP_DIR
+trap 'rm -rf "$STOP_DIR"' EXIT
+
 # torchrun runs in the background with SIGUSR1 ignored (an unhandled SIGUSR1 would kill it and,
 # under srun, the whole step); the ranks inherit "ignored" until the trainer installs its handler.
-( trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${ARGS[@]}" -m "${LAUNCH_MODULE:-train}" "$CONFIG" "$@" ) &
+# It gets its own session (setsid) so that a terminal's Ctrl-C reaches only this script, which
+# forwards it to the ranks: torchrun itself, when signalled, kills its ranks after a timeout and
+# exits 1 even when they saved.
+SETSID=; command -v setsid >/dev/null 2>&1 && SETSID=setsid
+( trap '' USR1; exec $SETSID "$PYTHON" -m torch.distributed.run "${ARGS[@]}" -m "${LAUNCH_MODULE:-train}" "$CONFIG" "$@" ) &
 AGENT=$!
 
 forward() {  # send a signal to the training processes (torchrun's children)
   local sig=$1 kids
   kids=$(pgrep -P "$AGENT" 2>/dev/null || ps -o pid= --ppid "$AGENT" 2>/dev/null || true)
   echo "torchrun.sh: SIG$sig -> ranks ${kids//$'\n'/ }" >&2
-  [ -n "$kids" ] && kill -s "$sig" $kids 2>/dev/null
+  if [ -n "$kids" ]; then
+    kill -s "$sig" $kids 2>/dev/null
+  elif [ "$sig" != USR1 ]; then  # no ranks yet: stop torchrun itself
+    kill -s "$sig" "$AGENT" 2>/dev/null
+  fi
   return 0
 }
 trap 'forward USR1' USR1
-trap 'kill -TERM "$AGENT" 2>/dev/null' TERM
-trap 'kill -INT "$AGENT" 2>/dev/null' INT
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward TERM' HUP
 
 rc=0
 wait "$AGENT"; rc=$?
 while kill -0 "$AGENT" 2>/dev/null; do wait "$AGENT"; rc=$?; done  # a trap interrupted the wait
+if [ "$rc" -ne 0 ]; then
+  stopped=$(find "$STOP_DIR" -name 'rank-*' 2>/dev/null | wc -l)
+  if [ "$stopped" -ge "$NPROC_PER_NODE" ] && [ "$NPROC_PER_NODE" -gt 0 ]; then
+    echo "torchrun.sh: torchrun exited $rc after a signal, but all $stopped rank(s) saved and stopped cleanly; exiting 0" >&2
+    rc=0
+  fi
+fi
 exit "$rc"

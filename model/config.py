@@ -107,4 +107,15 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"model config: unknown key(s) {', '.join(unknown)}")
+        kinds = {f.name: f.type for f in fields(cls)}  # "int", "float", "bool" (postponed annotations)
+        for key, value in values.items():
+            kind = kinds[key] if isinstance(kinds[key], str) else kinds[key].__name__
+            ok = {
+                "bool": isinstance(value, bool),
+                "int": isinstance(value, int) and not isinstance(value, bool),
+                "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            }.get(kind, True)
+            if not ok:
+                article = "an integer" if kind == "int" else "a boolean" if kind == "bool" else "a number"
+                raise ValueError(f"model config: {key} must be {article}, got {value!r} ({type(value).__name__})")
         return cls(**values)

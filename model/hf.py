@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def config_from_hf(
         if key not in values and generation_config and generation_config.get(key) is not None:
             values[key] = generation_config[key]
     try:
-        return ModelConfig(**values)
+        return ModelConfig.from_dict(values)  # checks each value's type (d_model "128" is a string)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from None
 
@@ -204,9 +205,26 @@ def config_from_hf(
 # ----- reading HF directories -------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        value = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object ({{...}}), got a {type(value).__name__}")
+    return value
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` with one line naming the file when it is truncated or not safetensors."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as err:  # safetensors' SafetensorError, OSError
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({first}); it is damaged or truncated") from None
+    with handle as f:
+        yield f
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
@@ -227,14 +245,16 @@ def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, Path]:
 
     Raises FileNotFoundError naming a shard the index lists but the folder lacks.
     """
-    from safetensors import safe_open
-
     hf_dir = Path(hf_dir)
     index = hf_dir / INDEX_FILE
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no weight_map")
+        bad = next((shard for shard in weight_map.values() if not isinstance(shard, str)
+                    or (hf_dir / shard).resolve().parent != hf_dir.resolve()), None)
+        if bad is not None:
+            raise ValueError(f"{index}: shard {bad!r} is not a file of {hf_dir} (the index must name files in its own folder)")
         files = {name: hf_dir / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -242,21 +262,19 @@ def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, Path]:
         return files
     single = hf_dir / SINGLE_WEIGHTS_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise FileNotFoundError(f"{hf_dir}: no {INDEX_FILE} or {SINGLE_WEIGHTS_FILE}")
 
 
 def hf_tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     """Shapes from safetensors headers only (no tensor data is read)."""
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -270,14 +288,12 @@ def iter_hf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` one at a time, opening each shard once, in ``names`` order
     grouped by shard (default: every name in ``files``)."""
-    from safetensors import safe_open
-
     order = list(files) if names is None else list(names)
     by_file: dict[Path, list[str]] = {}
     for name in order:
         by_file.setdefault(files[name], []).append(name)
     for path, shard_names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in shard_names:
                 yield name, f.get_tensor(name)
 

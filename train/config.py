@@ -20,6 +20,7 @@ line that names the key.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -274,6 +275,7 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> None:
             raise ConfigError(f"bad value for '{key}': {value} (must be positive)")
     if t.lr <= 0:
         raise ConfigError(f"bad value for 'train.lr': {t.lr} (must be positive)")
+    _validate_numbers(cfg)
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"bad value for 'train.betas': {list(t.betas)} (two numbers in [0, 1))")
     if not 0 < t.mask_eps < 1:
@@ -298,6 +300,50 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> None:
                 raise ConfigError(f"data.sources[{i}].path does not exist: {src.path}")
         if t.init_from is not None and "://" not in t.init_from and not Path(t.init_from).exists():
             raise ConfigError(f"train.init_from does not exist: {t.init_from}")
+
+
+SEED_LIMIT = 2**63  # seeds are hashed into 63-bit generator keys (model.objective.key_seed)
+
+
+def _validate_numbers(cfg: RunConfig) -> None:
+    """Hyper-parameters that would train on silently (inf/NaN, a zero epsilon) fail at start."""
+    t, e = cfg.train, cfg.eval
+    finite = {
+        "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.adam_eps": t.adam_eps,
+        "train.grad_clip": t.grad_clip, "train.final_lr": t.final_lr, "train.mask_eps": t.mask_eps,
+        "train.random_length_prob": t.random_length_prob, "train.collective_timeout_s": t.collective_timeout_s,
+        "data.validation_fraction": cfg.data.validation_fraction,
+    }
+    if t.drop_lr is not None:
+        finite["train.drop_lr"] = t.drop_lr
+    finite.update({f"train.betas[{i}]": b for i, b in enumerate(t.betas)})
+    finite.update({f"data.sources[{i}].weight": s.weight for i, s in enumerate(cfg.data.sources)})
+    for key, value in finite.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"bad value for '{key}': {value} (must be a finite number)")
+    positive = {"train.adam_eps": t.adam_eps, "train.collective_timeout_s": t.collective_timeout_s}
+    positive.update({f"data.sources[{i}].weight": s.weight for i, s in enumerate(cfg.data.sources)})
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"bad value for '{key}': {value} (must be positive)")
+    at_least_zero = {
+        "train.weight_decay": t.weight_decay, "train.final_lr": t.final_lr, "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_last": t.keep_last, "eval.every": e.every,
+    }
+    if t.drop_lr is not None:
+        at_least_zero["train.drop_lr"] = t.drop_lr
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"bad value for '{key}': {value} (must be >= 0)")
+    if not 0 <= cfg.data.validation_fraction < 1:
+        raise ConfigError(f"bad value for 'data.validation_fraction': {cfg.data.validation_fraction} (must be in [0, 1))")
+    if cfg.data.mixture_block_size <= 0:
+        raise ConfigError(f"bad value for 'data.mixture_block_size': {cfg.data.mixture_block_size} (must be positive)")
+    for key, value in {"train.seed": t.seed, "eval.seed": e.seed}.items():
+        if not 0 <= value < SEED_LIMIT:
+            raise ConfigError(f"bad value for '{key}': {value} (must be an integer in [0, 2**63))")
+    if e.every > 0 and e.batches <= 0:
+        raise ConfigError(f"bad value for 'eval.batches': {e.batches} (must be positive when eval.every > 0)")
 
 
 def to_yaml(cfg: RunConfig) -> str:

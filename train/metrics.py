@@ -25,6 +25,28 @@ def format_line(step: int, values: dict) -> str:
     return " | ".join(parts)
 
 
+def _not_measured(key: str) -> bool:
+    """Keys whose NaN means "not measured this step" (no spike verdict, an empty t-bucket)."""
+    return key == "spike_z" or (key.startswith("loss_t") and key[6:].isdigit())
+
+
+def json_safe(values: dict) -> dict:
+    """``values`` as strict JSON: every non-finite float becomes ``null`` (never dropped); the keys
+    whose value was NaN or infinite (a diverged loss, an overflowing grad norm) are listed under
+    ``"nonfinite"``, except keys whose NaN only means "not measured this step"."""
+    out, flagged = {}, []
+    for k, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+            if not _not_measured(k):
+                flagged.append(k)
+        else:
+            out[k] = v
+    if flagged:
+        out["nonfinite"] = flagged
+    return out
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to ``<out_dir>/metrics.jsonl`` (appending, so a
     resumed run continues the same file), prints a console line, and mirrors to wandb."""
@@ -52,12 +74,12 @@ class MetricsLogger:
     def log(self, step: int, values: dict, console: bool = True) -> None:
         if not self.enabled:
             return
-        clean = {k: v for k, v in values.items() if not (isinstance(v, float) and math.isnan(v))}
-        record = {"step": step, **clean}
+        record = {"step": step, **json_safe(values)}
+        clean = {k: v for k, v in record.items() if k not in ("step", "nonfinite") and v is not None}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if console:
-            tqdm.write(format_line(step, clean))
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if console:  # a non-finite loss shows as "nan"/"inf" here
+            tqdm.write(format_line(step, values))
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
 

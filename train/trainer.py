@@ -26,6 +26,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ from train.guards import GuardError, StepGuard
 from train.hardware import current_device_name, mfu
 from train.metrics import EventLog, MetricsLogger
 from train.performance import compile_blocks
+from train.runlock import RunLock
 from train.schedule import wsd_lr
 
 
@@ -70,6 +72,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
+
+
+def check_attention_backend(backend: str, device: torch.device, precision: str) -> None:
+    """A pinned attention kernel that cannot run here fails at start, not at the first step."""
+    from model.attention import EXTERNAL, external_kernel
+
+    if backend in EXTERNAL or backend in ("sdpa_cudnn", "sdpa_efficient"):  # sdpa_flash has a CPU kernel
+        if device.type != "cuda":
+            raise ConfigError(f"train.attention_backend={backend} needs a CUDA GPU (the device is {device.type}); use auto or sdpa")
+    if backend in EXTERNAL:
+        if external_kernel(backend) is None:
+            raise ConfigError(f"train.attention_backend={backend} needs {EXTERNAL[backend][0]} installed; use auto or sdpa")
+        if precision != "bf16":
+            raise ConfigError(f"train.attention_backend={backend} runs in bf16 only: set train.precision=bf16, or use auto or sdpa")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -82,15 +98,20 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         t = cfg.train
-        # Install the preemption handlers first: a SIGTERM/SIGUSR1 that arrives during setup
-        # (the launchers ignore USR1 until here) is then honoured after the first step.
+        # Install the stop-signal handlers first: a SIGUSR1 that arrives during setup (the
+        # launchers ignore USR1 until here) is honoured after the first step; SIGTERM/SIGINT
+        # during setup stop at once (nothing trained yet, nothing to save).
         self.stop_signal: int | None = None
+        self._in_loop = False  # False during setup: SIGTERM/SIGINT then exit at once (nothing to save)
+        self.preempted = False  # set when a stop signal ended the run (after its checkpoint)
         self._save_thread: _SaveThread | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
+        check_attention_backend(t.attention_backend, self.device, t.precision)
         self.out_dir = Path(t.out_dir)
+        # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
+        self._run_lock = RunLock(self.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         self.engine = self._build_engine()
         self.dp_rank = getattr(self.engine, "dp_rank", 0)
         self.dp_size = getattr(self.engine, "dp_size", 1)
@@ -197,6 +218,11 @@ class Trainer:
                 tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
             return
         self._restore(ckpt)
+        if self.step > self.cfg.train.max_steps:
+            raise ConfigError(
+                f"resume: {ckpt} is at step {self.step}, past train.max_steps={self.cfg.train.max_steps}; "
+                f"raise train.max_steps to train on, or use another train.out_dir to start over"
+            )
         if self.is_logging_rank:
             tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
 
@@ -480,13 +506,33 @@ class Trainer:
                 raise thread.error
 
     def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum
+        """SIGUSR1 (a preemption warning), SIGTERM and SIGINT (Ctrl-C): finish the step, save, exit 0.
+        Before the loop starts (setup) SIGTERM/SIGINT exit at once: nothing has been trained yet."""
+        if not self._in_loop and signum != signal.SIGUSR1:
+            raise Interrupted(f"signal {signal.Signals(signum).name} during setup: nothing trained yet; exiting")
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            print(
+                f"signal {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
+                "(Ctrl-\\ aborts without saving)", file=sys.stderr, flush=True,
+            )
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1 if self.stop_signal is not None else 0])
+        """Whether any rank got a stop signal; every rank gets the same answer (and signal number),
+        so all of them save after the same step, whichever ranks the signal reached."""
+        local = int(self.stop_signal or 0)
+        agreed = local
         if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([local], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            agreed = int(flag.item())
+        if agreed and self.stop_signal is None:
+            self.stop_signal = agreed  # the signal reached another rank only
+        return agreed != 0
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     # ----- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -495,7 +541,12 @@ class Trainer:
         bar = None
         if self.is_logging_rank and log.progress_bar:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self._in_loop = True
         try:
+            if self.step >= t.max_steps:  # resumed at the end: nothing to train, nothing to save
+                if self.is_logging_rank:
+                    tqdm.write(f"done: already at step {self.step} = train.max_steps; nothing to train (raise train.max_steps to go on)")
+                return history
             if self.val_loader is not None and self.cfg.eval.at_start and self.step == 0:
                 self.metrics.log(0, {"eval_bound": self.evaluate()})  # the bound the training starts from
             while self.step < t.max_steps:
@@ -519,10 +570,12 @@ class Trainer:
                 if self._stop_requested():
                     path = self.save()
                     self.wait_for_save()
+                    name = signal.Signals(self.stop_signal).name
                     self.events.write(
-                        "preempted", step=self.step, signal=int(self.stop_signal), checkpoint=str(path),
-                        console=f"signal {self.stop_signal}: saved {path} at step {self.step}; exiting",
+                        "preempted", step=self.step, signal=int(self.stop_signal), signal_name=name,
+                        checkpoint=str(path), console=f"signal {name}: saved {path} at step {self.step}; exiting",
                     )
+                    self.preempted = True
                     return history
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save()
@@ -537,16 +590,32 @@ class Trainer:
             if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
                 raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RuntimeError(
+            raise CollectiveError(
                 f"rank {dist.get_rank()}: a collective failed at step {self.step + 1} ({first}); "
                 f"{likely_cause(first)}; waits longer than train.collective_timeout_s="
                 f"{self.cfg.train.collective_timeout_s} fail. Relaunch with train.resume=true to continue from "
                 "the last checkpoint"
             ) from e
         finally:
+            self._in_loop = False
+            self._restore_signal_handlers()
+            if self._run_lock is not None:
+                self._run_lock.release()
             if bar is not None:
                 bar.close()
             self.metrics.close()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A stop signal before training started: exit at once (``python -m train`` exits 0). A
+    BaseException, like KeyboardInterrupt, so that no library's ``except Exception`` swallows it."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed (a peer rank died, hangs or disagrees): one line for the user."""
 
 
 def likely_cause(error: str) -> str:

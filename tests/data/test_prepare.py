@@ -253,3 +253,88 @@ def test_resume_after_a_killed_process(tmp_path, small_tokenizer):
     a, b = read_docs(tmp_path / "ref"), read_docs(out)
     assert [s["sha256"] for s in a[0]["shards"]] == [s["sha256"] for s in b[0]["shards"]]
     assert a[0]["total_documents"] == b[0]["total_documents"] == 6000
+
+
+def _stop_at_call(n: int, real):
+    calls = []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return stopping
+
+
+def test_resume_refuses_when_an_input_was_added_after_the_interruption(tmp_path, small_tokenizer, docs, monkeypatch):
+    """Issue 21, item 4: a file added to an input folder between an interruption and the rerun
+    would shift the record numbers resuming relies on (one document repeated, one lost)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": d} for d in docs[:200]])
+    write_jsonl(folder / "c.jsonl", [{"text": d} for d in docs[200:]])
+    with monkeypatch.context() as patch:  # Ctrl-C while the second shard is written
+        patch.setattr(S, "write_shard", _stop_at_call(2, S.write_shard))
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    write_jsonl(folder / "b.jsonl", [{"text": "an added document"}])  # sorts between a and c
+    with pytest.raises(ValueError, match=r"changed since: input files added: \S+/in/b\.jsonl\); resuming would"):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    (folder / "b.jsonl").unlink()
+    (folder / "c.jsonl").write_text((folder / "c.jsonl").read_text() + json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(ValueError, match=r"input files changed: \S+/in/c\.jsonl"):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    with pytest.raises(ValueError, match=r"option text_field: 'text' -> 'body'"):
+        prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False,
+                opts=ReadOptions(text_field="body"))
+    # --overwrite over the new inputs equals a fresh run over them
+    again = prepare([str(folder)], str(tmp_path / "part"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False, overwrite=True)
+    fresh = prepare([str(folder)], str(tmp_path / "fresh"), tokenizer=small_tokenizer, shard_tokens=3000, progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in fresh["shards"]]
+    assert again["total_documents"] == 401
+
+
+@pytest.mark.slow
+def test_a_100_mb_single_line_document_is_refused_in_bounded_memory(tmp_path, small_tokenizer):
+    """Issue 21, item 6: tokenizing a 100 MB line whole took ~15 GB; the record-size guard names
+    it (and --skip-bad-records skips it) with the process's peak memory near the line's size."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    src = tmp_path / "big.txt"
+    with open(src, "w") as f:
+        f.write("a short first document\n")
+        f.write("word " * 20_000_000 + "\n")  # 100 MB, one line
+        f.write("a short last document\n")
+    script = (
+        "import resource, sys; from data.prepare import main; rc = main(sys.argv[1:]); "
+        "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    base = ["--input", str(src), "--text-unit", "line", "--tokenizer", small_tokenizer, "--workers", "1", "--no-progress"]
+    env = dict(__import__("os").environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    refused = subprocess.run([sys.executable, "-c", script, *base, "--output", str(tmp_path / "a")], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1
+    assert f"error: {src}:2: 100,000,000 characters, above the limit of 4,000,000 (--max-record-chars)" in refused.stderr
+    skipped = subprocess.run([sys.executable, "-c", script, *base, "--skip-bad-records", "--output", str(tmp_path / "b")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["total_documents"] == 2 and m["bad_records"] == 1
+    peak_gb = int(skipped.stdout.split("peak_kb")[1].split()[0]) / 1e6
+    assert peak_gb < 1.5, peak_gb  # the file twice over plus the interpreter, not ~15 GB
+
+
+def test_a_document_of_nul_bytes_is_a_bad_record(tmp_path, small_tokenizer):
+    src = tmp_path / "zeros.txt"
+    src.write_bytes(b"\0" * 1_000_000)
+    with pytest.raises(ValueError, match=r"zeros\.txt: binary data, not text \(1,000,000 NUL characters of 1,000,000\)"):
+        prepare([str(src)], str(tmp_path / "out"), tokenizer=small_tokenizer, progress=False)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a real document")
+    m = prepare([str(src), str(ok)], str(tmp_path / "out2"), tokenizer=small_tokenizer, progress=False, skip_bad_records=True)
+    assert m["total_documents"] == 1 and m["bad_records"] == 1

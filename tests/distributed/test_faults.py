@@ -93,3 +93,38 @@ def test_kill_9_of_one_rank_then_resume_matches_the_uninterrupted_run(tmp_path, 
     for step in range(1, 31):
         # same layout, same keyed data and noise: the resumed run retraces the uninterrupted one
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=0), (kill_after, step, resumed, full)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_leaves_ranks_running_and_a_relaunch_is_refused(tmp_path, embedded_shards):
+    """torchrun killed with -9 leaves its ranks training; a relaunch on the same train.out_dir must
+    not train beside them: it fails at start with one line naming the process holding the folder."""
+    out = tmp_path / "run"
+    cmd = [c for c in _cmd(out, embedded_shards) if not c.startswith("train.max_steps")] + ["train.max_steps=100000"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 900
+        while max(_losses(out), default=0) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        launcher.kill()  # SIGKILL: the ranks are orphaned and keep training
+        launcher.wait()
+        before = max(_losses(out))
+        relaunch = subprocess.run(_cmd(out, embedded_shards, "train.resume=true"), cwd=REPO, env=_env(),
+                                  capture_output=True, text=True, timeout=900)
+        assert max(_losses(out)) > before, "the orphaned ranks should still be training"
+        assert relaunch.returncode != 0
+        refusal = [line for line in relaunch.stderr.splitlines() if "is in use by another run" in line]
+        assert refusal and f"train.out_dir {out} is in use by another run (pid " in refusal[0], relaunch.stderr[-3000:]
+        assert any(f"pid {pid} " in refusal[0] for pid in ranks), (refusal, ranks)  # names the holder: rank 0
+    finally:
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
