@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import posixpath
 from collections import OrderedDict
@@ -174,13 +175,20 @@ class OpenMaps:
 
 
 def _close_map(arr: np.ndarray) -> None:
-    mm = getattr(arr, "_mmap", None)
+    """Drop the LRU's reference: the map (and its descriptor) is freed with the last view of it."""
     del arr
-    if mm is not None:
-        try:
-            mm.close()  # frees the descriptor now; BufferError if a caller still holds a view
-        except BufferError:
-            pass  # then it is freed with that view
+
+
+def map_file(path: str, dtype: np.dtype, count: int) -> np.ndarray:
+    """A read-only memory map of ``count`` items of ``dtype`` (one descriptor, held by the map)."""
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, count * dtype.itemsize, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=dtype, count=count)
 
 
 class ShardSet:
@@ -225,7 +233,7 @@ class ShardSet:
         self.cache = None  # the remote mirror (data.sources.ShardCache) when the shards are remote
 
     def _path(self, k: int, ext: str) -> str:
-        return join(self.root, f"{self.names[k]}.{ext}")
+        return os.path.join(self.root, f"{self.names[k]}.{ext}")
 
     def bin_path(self, k: int) -> str:
         return self._path(k, "bin")
@@ -239,10 +247,12 @@ class ShardSet:
         return len(self._maps)
 
     def _read_small(self, s: dict, ext: str, dtype: np.dtype) -> np.ndarray:
-        path = join(self.root, f"{s['name']}.{ext}")
-        if not self.fs.exists(path):
-            raise FileNotFoundError(f"{path}: missing (listed in {join(self.root, MANIFEST)})")
-        data = self.fs.cat_file(path)
+        path = os.path.join(self.root, f"{s['name']}.{ext}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (listed in {join(self.root, MANIFEST)})") from None
         if len(data) % dtype.itemsize:
             raise ValueError(f"{path}: truncated ({len(data)} bytes, not a multiple of {dtype.itemsize})")
         if sha256_bytes(data) != s["sha256"][ext]:
@@ -291,8 +301,7 @@ class ShardSet:
             why = self.bad_marker(self.names[k])
             if why:
                 raise ValueError(why)
-        n = int(self.shard_starts[k + 1] - self.shard_starts[k])
-        return np.memmap(self._path(k, "bin"), dtype=self.dtype, mode="r", shape=(n,))
+        return map_file(self._path(k, "bin"), self.dtype, int(self.shard_starts[k + 1] - self.shard_starts[k]))
 
     def shard_tokens(self, k: int) -> np.ndarray:
         """The memory-mapped tokens of shard ``k`` (size-checked when opened; LRU-bounded)."""

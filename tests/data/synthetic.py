@@ -2,7 +2,8 @@
 sample-sequence test and the 30,000-shard / 50 M-document scale test.
 
 ``write_shard_dir`` writes real ``.idx`` files and a real manifest; ``.bin`` files are either real
-(seeded random tokens) or sparse (``sparse=True``: holes of zeros, no disk blocks).
+(seeded random tokens) or sparse (``sparse=True``: holes of zeros, no disk blocks; shards of one
+size are hard links to one sparse file).
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def write_shard_dir(
         np.cumsum(lengths, out=offsets[1:])
         n = int(offsets[-1])
         idx_bytes = offsets.tobytes()
-        (root / f"{name}.idx").write_bytes(idx_bytes)
+        with open(os.path.join(root, f"{name}.idx"), "wb") as f:
+            f.write(idx_bytes)
         sums = {"idx": hashlib.sha256(idx_bytes).hexdigest()}
-        if sparse:
-            with open(root / f"{name}.bin", "wb") as f:
-                f.truncate(n * dtype.itemsize)
+        if sparse:  # all-zero tokens; shards of one size share one sparse file (hard links: cheap to make)
             if n not in zero_sums:
+                with open(root / f"zeros_{n}.sparse", "wb") as f:
+                    f.truncate(n * dtype.itemsize)
                 zero_sums[n] = hashlib.sha256(bytes(n * dtype.itemsize)).hexdigest()
+            os.link(root / f"zeros_{n}.sparse", root / f"{name}.bin")
             sums["bin"] = zero_sums[n]
         else:
             tokens = rng.integers(2, vocab_size, size=n).astype(dtype)
