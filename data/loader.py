@@ -124,6 +124,19 @@ class SourceSplit:
             out[r] = self.read(int(idx[r]))[0]
         return out, plens
 
+    def shards_of(self, idx: np.ndarray) -> np.ndarray:
+        """The shards (sorted, unique) where samples ``idx`` start and end: what to download ahead."""
+        if self.sft:
+            lo = self.doc_starts[self.examples[idx]]
+            hi = lo
+        else:
+            v = idx.astype(np.int64) * self.seq_len
+            s = np.searchsorted(self.seg_cum, v, side="right") - 1
+            lo = self.seg_start[s] + v - self.seg_cum[s]
+            hi = np.minimum(lo + self.seq_len - 1, self.shards.total_tokens - 1)
+        starts = self.shards.shard_starts
+        return np.unique(np.concatenate([np.searchsorted(starts, lo, side="right"), np.searchsorted(starts, hi, side="right")]) - 1)
+
     def read(self, idx: int) -> tuple[np.ndarray, int]:
         """(tokens int64 [seq_len], prompt length) of sample ``idx``."""
         L = self.seq_len
@@ -252,6 +265,8 @@ class Loader:
             v.stop()
         for ss in self.shard_sets:
             ss.close()
+            if ss.cache is not None:
+                ss.cache.close()
 
     # ----- index arithmetic -----------------------------------------------------------------
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -338,7 +353,21 @@ class Loader:
         if self.sft:
             out["prompt_lengths"] = torch.from_numpy(plens)
         self._next_step = step + 1
+        self._prefetch_after(step)
         return out
+
+    def _prefetch_after(self, step: int) -> None:
+        """Queue the remote shards of this rank's next steps for download (background thread)."""
+        if not self.cfg.prefetch or not any(ss.cache is not None for ss in self.shard_sets):
+            return
+        B, G = self.local_batch_size, self.global_batch_size
+        ahead = np.concatenate([(step + a) * G + self.dp_rank * B + np.arange(B, dtype=np.int64) for a in (1, 2)])
+        source, sample = self.locate(ahead)
+        for k, (src, ss) in enumerate(zip(self.sources, self.shard_sets)):
+            rows = source == k
+            if ss.cache is not None and rows.any():
+                shards = src.shards_of(sample[rows])[: self.cfg.prefetch_shards]
+                ss.cache.prefetch([ss.names[int(i)] for i in shards])
 
     def next_batch(self) -> dict:
         """The batch of the step after the last one returned (or restored)."""

@@ -307,6 +307,9 @@ class ShardCache:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+        self._fetch_one(name, ext)
+
+    def _fetch_one(self, name: str, ext: str = "bin") -> None:
         dst = os.path.join(self.local, f"{name}.{ext}")
         if os.path.exists(dst):
             if ext == "bin" and self.max_bytes is not None:
@@ -340,7 +343,11 @@ class ShardCache:
         if self._thread is None:
             return
         for name in names:
-            if name not in self._queued and not os.path.exists(os.path.join(self.local, f"{name}.bin")):
+            path = os.path.join(self.local, f"{name}.bin")
+            if os.path.exists(path):
+                if self.max_bytes is not None:
+                    _touch(path)  # needed soon: the most recently used, last to be evicted
+            elif name not in self._queued:
                 self._queued.add(name)
                 self._queue.put(name)
 
@@ -348,13 +355,20 @@ class ShardCache:
         while True:
             name = self._queue.get()
             if name is None:
+                self._queue.task_done()
                 return
             try:
-                self.fetch(name)
+                self._fetch_one(name)
             except BaseException as e:  # reported by the next synchronous fetch
                 self._error = e
             finally:
                 self._queued.discard(name)
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until every queued prefetch is done (for tests and benchmarks)."""
+        if self._thread is not None:
+            self._queue.join()
 
     def close(self) -> None:
         if self._thread is not None:
