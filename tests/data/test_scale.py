@@ -11,67 +11,33 @@ Start-up times are printed (not asserted: the CI machine is shared); BENCHMARKS.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
-from tests.data.synthetic import write_shard_dir
+from tools.benchmarks.data import even_lengths, run_probe, write_shard_dir
 
-REPO = Path(__file__).resolve().parents[2]
 SHARDS, DOCS_PER_SHARD = 30_000, 1_667  # 50.01 M documents
 MAX_OPEN, STEPS, RANKS = 32, 1_000, 4
-
-
-def lengths(num_shards: int, docs: int, seed: int = 0, mean: int = 40):
-    """Random document lengths (8..72, then evened out) summing to ``docs * mean`` tokens in every shard."""
-    rng = np.random.default_rng(seed)
-    total = docs * mean
-    for _ in range(num_shards):
-        n = rng.integers(8, 2 * mean - 8, size=docs)
-        diff = total - int(n.sum())
-        n += diff // docs
-        n[: diff % docs] += 1
-        assert int(n.sum()) == total and n.min() >= 1
-        yield n
-
-
-def run(args: list, timeout: int = 900) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "tests.data.scale_worker", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 900) -> None:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
 
 
 @pytest.mark.slow
 def test_30k_shards_50m_documents(tmp_path):
     t0 = time.perf_counter()
-    root = write_shard_dir(tmp_path / "big", lengths(SHARDS, DOCS_PER_SHARD), sparse=True, vocab_size=50_000)
+    root = write_shard_dir(tmp_path / "big", even_lengths(SHARDS, DOCS_PER_SHARD), sparse=True, vocab_size=50_000)
     m = json.loads((root / "manifest.json").read_text())
     assert len(m["shards"]) == SHARDS and m["total_documents"] == SHARDS * DOCS_PER_SHARD >= 50_000_000
     made = time.perf_counter() - t0
 
-    build = tmp_path / "build.json"
-    finish(run([root, -1, RANKS, MAX_OPEN, 0, build]))
-    built = json.loads(build.read_text())
+    built = run_probe([root, -1, RANKS, MAX_OPEN, 0])
     for p in root.glob("*.idx"):
         p.unlink()  # from here on, start-up can only come from the cached index
 
-    outs = [tmp_path / f"rank{r}.json" for r in range(RANKS)]
-    procs = [run([root, r, RANKS, MAX_OPEN, STEPS, outs[r]]) for r in range(RANKS)]
-    for p in procs:
-        finish(p)
-    ranks = [json.loads(o.read_text()) for o in outs]
+    with ThreadPoolExecutor(RANKS) as pool:  # the ranks run at the same time, each in its own process
+        ranks = list(pool.map(lambda r: run_probe([root, r, RANKS, MAX_OPEN, STEPS]), range(RANKS)))
     print(f"\nwrote {SHARDS} shards in {made:.1f}s; index build {built['build_s']:.1f}s "
-          f"({built['build_cpu_s']:.1f} CPU-s, peak RSS {built['build_peak_rss_mb']:.0f} MB)")
+          f"({built['build_cpu_s']:.1f} CPU-s, peak RSS growth {built['build_peak_rss_mb']:.0f} MB)")
     for r in ranks:
         print(f"rank {r['rank']}: start-up {r['startup_s']:.2f}s ({r['startup_cpu_s']:.2f} CPU-s), loader RSS "
               f"{r['rss_loader_mb']:.0f} MB, after {STEPS} steps {r['rss_after_steps_mb']:.0f} MB, max new fds {r['max_new_fds']}")
