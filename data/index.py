@@ -296,7 +296,14 @@ def load_or_build_index(source, *, validation_fraction: float, cache_dir: Option
             except OSError as e:
                 where = e.filename or tmp
                 raise OSError(f"{where}: cannot write the sample index ({e.strerror or e}); free space or set data.cache_dir") from None
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # a builder the lock did not exclude (a filesystem without working locks) won
+                found = _try_load(final, fields)
+                if found is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                return found
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

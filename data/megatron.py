@@ -87,19 +87,12 @@ class MegatronSource(ShardSet):
         self._fetch = None
         self._maps = OpenMaps(max_open)
         self.bad_marker = None
+        self.cache = None
+        self._listed_in, self._sized_by = f"Megatron indexed dataset {prefix}", "its .idx"
         del ds
 
     def _path(self, k: int, ext: str) -> str:
         return f"{self.root}.{ext}"
-
-    def _check_bin_size(self, k: int) -> None:
-        path = self._path(k, "bin")
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing (Megatron indexed dataset {self.root})") from None
-        if size != self.total_tokens * self.dtype.itemsize:
-            raise ValueError(f"{path}: truncated or changed: {size} bytes, its .idx says {self.total_tokens * self.dtype.itemsize}")
 
     def document_chunks(self):
         """(document starts [n + 1] as token offsets, None) in chunks of documents, from the .idx."""

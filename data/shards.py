@@ -231,6 +231,7 @@ class ShardSet:
         self.shard_starts = np.concatenate([[0], np.cumsum(tokens)]).astype(np.int64)
         self.bad_marker = None  # callable(name) -> str | None: a recorded checksum failure (ChecksumVerifier)
         self.cache = None  # the remote mirror (data.sources.ShardCache) when the shards are remote
+        self._listed_in, self._sized_by = f"listed in {join(root, MANIFEST)}", "the manifest"
 
     def _path(self, k: int, ext: str) -> str:
         return os.path.join(self.root, f"{self.names[k]}.{ext}")
@@ -288,10 +289,10 @@ class ShardSet:
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing (listed in {join(self.root, MANIFEST)})") from None
+            raise FileNotFoundError(f"{path}: missing ({self._listed_in})") from None
         expect = int(self.shard_starts[k + 1] - self.shard_starts[k]) * self.dtype.itemsize
         if size != expect:
-            raise ValueError(f"{path}: truncated or corrupted: {size} bytes, the manifest says {expect} ({expect // self.dtype.itemsize} tokens of {self.dtype.name})")
+            raise ValueError(f"{path}: truncated or corrupted: {size} bytes, {self._sized_by} says {expect} ({expect // self.dtype.itemsize} tokens of {self.dtype.name})")
 
     def _open(self, k: int) -> np.ndarray:
         if self._fetch is not None:
