@@ -20,8 +20,6 @@ independent of the seed). Each rank reads only its own samples from memory-mappe
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 
 import numpy as np
