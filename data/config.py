@@ -12,8 +12,11 @@ from typing import Optional
 
 @dataclass
 class SourceConfig:
-    path: str  # a shard directory written by data.prepare (local path or fsspec URL)
+    path: str  # a shard directory written by data.prepare (local path or fsspec URL), or a Megatron PREFIX
     weight: float = 1.0  # relative share of the samples (normalized over all sources)
+    # "shards" (a data.prepare directory), "megatron" (PREFIX.bin + PREFIX.idx, local; needs
+    # data.tokenizer) or "auto" (megatron when PREFIX.idx and PREFIX.bin exist, else shards).
+    format: str = "auto"
 
 
 @dataclass
@@ -28,9 +31,18 @@ class DataConfig:
     # Mixture: each block of this many consecutive global samples holds every source in
     # proportion to its weight (largest-remainder rounding), in a seeded order.
     mixture_block_size: int = 1024
-    # sha256 of each shard checked the first time this process reads it.
+    # sha256 of each shard verified once per cache directory (one background thread on one process
+    # per node; recorded so later runs skip it); remote shards are verified as they are downloaded.
     verify_checksums: bool = True
-    # Local cache for shard directories given as remote fsspec URLs (None: ~/.cache/difftron/shards).
+    # Local cache: the mirror of remote shard directories (CACHE/<url digest>/) and the sample
+    # index (CACHE/index/). None: remote mirrors in ~/.cache/difftron/shards, the index next to
+    # the data (.difftron_index/, or ~/.cache/difftron/index when that is read-only).
     cache_dir: Optional[str] = None
-    # Copy remote shards into the cache in a background thread from the start.
+    # Download the shards the next steps of this rank need in a background thread.
     prefetch: bool = True
+    # How many shards (per source) to download ahead of use when prefetch is on.
+    prefetch_shards: int = 4
+    # Bound on the remote mirror's .bin files per source, in GB (least recently used evicted); None: unbounded.
+    cache_max_gb: Optional[float] = None
+    # Open shard files (memory maps, one descriptor each) per source; least recently used closed.
+    max_open_shards: int = 64

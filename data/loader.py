@@ -23,34 +23,20 @@ independent of the seed). Each rank reads only its own samples from memory-mappe
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.shards import MANIFEST, TOKENIZER_DIR, ShardSet, join, load_tokenizer_dir, manifest_digest, tokenizer_fingerprint
-from data.sources import open_shard_dir
+from data.index import ChecksumVerifier, SampleIndex, derive_key, index_base, load_or_build_index, mix64, validation_documents  # noqa: F401
+from data.shards import MANIFEST, TOKENIZER_DIR, ShardSet, join, load_tokenizer_dir, tokenizer_fingerprint
+from data.sources import open_source
 
 STATE_FORMAT = "difftron-loader"
 STATE_VERSION = 1
 _FEISTEL_ROUNDS = 4
 _TABLE_LIMIT = 1 << 24  # sources with at most this many samples keep a permutation table per epoch
-
-
-def derive_key(*parts) -> int:
-    """A 64-bit key from any tuple of ints/strings (stable across processes and platforms)."""
-    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little")
-
-
-def mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer over a uint64 array (wraps mod 2**64; call under ``np.errstate(over="ignore")``)."""
-    z = z.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
 
 
 def permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
@@ -79,19 +65,6 @@ def permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def validation_documents(num_documents: int, fraction: float) -> np.ndarray:
-    """bool [num_documents]: the held-out documents (hash of the index < fraction; >= 1 when > 0)."""
-    if fraction <= 0 or num_documents == 0:
-        return np.zeros(num_documents, dtype=bool)
-    with np.errstate(over="ignore"):
-        h = mix64(np.arange(num_documents, dtype=np.uint64) ^ np.uint64(derive_key("validation")))
-    u = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    held = u < fraction
-    if not held.any() and num_documents >= 2:
-        held[int(np.argmin(u))] = True
-    return held
-
-
 def mixture_counts(weights: list[float], block: int) -> np.ndarray:
     """int [K]: samples of each source per block of ``block`` (largest-remainder rounding)."""
     w = np.asarray(weights, dtype=np.float64)
@@ -103,23 +76,24 @@ def mixture_counts(weights: list[float], block: int) -> np.ndarray:
 
 
 class SourceSplit:
-    """One source restricted to one split: its samples as packed windows or SFT examples."""
+    """One source restricted to one split: its samples as packed windows or SFT examples.
 
-    def __init__(self, shards: ShardSet, *, split: str, validation_fraction: float, seq_len: int, eos_id: int) -> None:
+    The arrays come from the source's cached, memory-mapped :class:`~data.index.SampleIndex`
+    (shared by both splits and every rank), so nothing here grows with the number of documents.
+    """
+
+    def __init__(self, shards: ShardSet, index: SampleIndex, *, split: str, seq_len: int, eos_id: int) -> None:
         self.shards, self.seq_len, self.eos_id = shards, seq_len, eos_id
         self.sft = shards.kind == "sft"
-        held = validation_documents(shards.num_documents, validation_fraction)
-        selected = held if split == "validation" else ~held
         if self.sft:
-            self.examples = np.flatnonzero(selected)
+            self.examples = index[f"{split}_examples"]
+            self.doc_starts = index["doc_starts"]
+            self.prompt_lengths = index["prompt_lengths"]
             self.num_samples = len(self.examples)
         else:
-            # maximal runs of consecutive selected documents = contiguous token segments
-            edges = np.diff(np.concatenate([[0], selected.astype(np.int8), [0]]))
-            run_lo, run_hi = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-            starts = shards.doc_starts
-            self.seg_start = starts[run_lo]
-            self.seg_cum = np.concatenate([[0], np.cumsum(starts[run_hi] - starts[run_lo])]).astype(np.int64)
+            # maximal runs of consecutive documents of this split = contiguous token segments
+            self.seg_start = index[f"{split}_seg_start"]
+            self.seg_cum = index[f"{split}_seg_cum"]
             self.num_samples = int(self.seg_cum[-1]) // seq_len
 
     def read_many(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,19 +128,32 @@ class SourceSplit:
     def example_lengths(self, idx: np.ndarray) -> np.ndarray:
         """Token lengths (at most ``seq_len``) of SFT samples ``idx``, from the index alone."""
         docs = self.examples[np.asarray(idx, dtype=np.int64)]
-        starts = self.shards.doc_starts
+        starts = self.doc_starts
         return np.minimum(starts[docs + 1] - starts[docs], self.seq_len).astype(np.int64)
+
+    def shards_of(self, idx: np.ndarray) -> np.ndarray:
+        """The shards (sorted, unique) where samples ``idx`` start and end: what to download ahead."""
+        if self.sft:
+            lo = self.doc_starts[self.examples[idx]]
+            hi = lo
+        else:
+            v = idx.astype(np.int64) * self.seq_len
+            s = np.searchsorted(self.seg_cum, v, side="right") - 1
+            lo = self.seg_start[s] + v - self.seg_cum[s]
+            hi = np.minimum(lo + self.seq_len - 1, self.shards.total_tokens - 1)
+        starts = self.shards.shard_starts
+        return np.unique(np.concatenate([np.searchsorted(starts, lo, side="right"), np.searchsorted(starts, hi, side="right")]) - 1)
 
     def read(self, idx: int) -> tuple[np.ndarray, int]:
         """(tokens int64 [seq_len], prompt length) of sample ``idx``."""
         L = self.seq_len
         if self.sft:
             doc = int(self.examples[idx])
-            lo, hi = int(self.shards.doc_starts[doc]), int(self.shards.doc_starts[doc + 1])
+            lo, hi = int(self.doc_starts[doc]), int(self.doc_starts[doc + 1])
             n = min(hi - lo, L)
             out = np.full(L, self.eos_id, dtype=np.int64)
             out[:n] = self.shards.read(lo, n)
-            return out, min(int(self.shards.prompt_lengths[doc]), L)
+            return out, min(int(self.prompt_lengths[doc]), L)
         v, done = idx * L, 0
         s = int(np.searchsorted(self.seg_cum, v, side="right")) - 1
         if v + L <= self.seg_cum[s + 1]:  # the common case: one contiguous piece
@@ -177,6 +164,24 @@ class SourceSplit:
             out[done:done + n] = self.shards.read(int(self.seg_start[s]) + v - int(self.seg_cum[s]), n)
             done, v, s = done + n, v + n, s + 1
         return out, 0
+
+
+def _megatron_tokenizer(cfg: DataConfig):
+    """(vocab size, fingerprint, eos id) of data.tokenizer when a source is a Megatron dataset, else None."""
+    from data.megatron import is_megatron_prefix
+
+    megatron = [i for i, s in enumerate(cfg.sources) if s.format == "megatron" or (s.format == "auto" and is_megatron_prefix(s.path))]
+    if not megatron:
+        return None
+    if cfg.tokenizer is None:
+        raise ValueError(f"data.sources[{megatron[0]}] is a Megatron dataset, which does not store its tokenizer: set data.tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    except Exception as e:
+        raise ValueError(f"data.tokenizer: cannot load a tokenizer from {cfg.tokenizer}: {e}") from None
+    return len(tok), tokenizer_fingerprint(tok), tok.eos_token_id
 
 
 class Loader:
@@ -202,10 +207,11 @@ class Loader:
         self.dp_rank, self.dp_size, self.seed, self.split = dp_rank, dp_size, seed, split
         self.local_batch_size = global_batch_size // dp_size
         self.shard_sets: list[ShardSet] = []
+        megatron_tok = _megatron_tokenizer(cfg)
         for i, src in enumerate(cfg.sources):
             if not src.weight > 0:
                 raise ValueError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
-            self.shard_sets.append(open_shard_dir(src.path, cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, verify_checksums=cfg.verify_checksums))
+            self.shard_sets.append(open_source(src, cfg, index=i, megatron_tokenizer=megatron_tok))
         first = self.shard_sets[0].manifest
         for i, ss in enumerate(self.shard_sets[1:], 1):
             m = ss.manifest
@@ -217,9 +223,15 @@ class Loader:
         self.sft = first["kind"] == "sft"
         self.tokenizer_path = self._tokenizer_path()
         eos = first.get("eos_token_id")
+        # the sample index of each source: built once per data configuration, memory-mapped here
+        self.indexes = [load_or_build_index(ss, validation_fraction=cfg.validation_fraction, cache_dir=cfg.cache_dir) for ss in self.shard_sets]
+        self.verifiers = [
+            ChecksumVerifier(ss, index_base(ss.index_root, cfg.cache_dir))
+            for ss in self.shard_sets if cfg.verify_checksums and ss.verify_checksums
+        ]
         self.sources = [
-            SourceSplit(ss, split=split, validation_fraction=cfg.validation_fraction, seq_len=seq_len, eos_id=int(eos if eos is not None else 0))
-            for ss in self.shard_sets
+            SourceSplit(ss, ix, split=split, seq_len=seq_len, eos_id=int(eos if eos is not None else 0))
+            for ss, ix in zip(self.shard_sets, self.indexes)
         ]
         for i, s in enumerate(self.sources):
             if s.num_samples == 0:
@@ -246,6 +258,19 @@ class Loader:
                 f"(fingerprint in {join(self.shard_sets[0].root, MANIFEST)})"
             )
         return path
+
+    def open_files(self) -> int:
+        """Shard files this loader holds open (memory maps; at most data.max_open_shards per source)."""
+        return sum(ss.open_shards for ss in self.shard_sets)
+
+    def close(self) -> None:
+        """Stop background work and close every open shard (the loader may be used again after)."""
+        for v in self.verifiers:
+            v.stop()
+        for ss in self.shard_sets:
+            ss.close()
+            if ss.cache is not None:
+                ss.cache.close()
 
     # ----- index arithmetic -----------------------------------------------------------------
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,6 +342,9 @@ class Loader:
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        for v in self.verifiers:
+            if v.error:
+                raise ValueError(v.error)
         B = self.local_batch_size
         index = step * self.global_batch_size + self.dp_rank * B + np.arange(B, dtype=np.int64)
         source, sample = self.locate(index)
@@ -331,6 +359,7 @@ class Loader:
             out["prompt_lengths"] = torch.from_numpy(plens)
             out["pad_length"] = torch.tensor(self.pad_length(step))
         self._next_step = step + 1
+        self._prefetch_after(step)
         return out
 
     def pad_length(self, step: int) -> int:
@@ -344,6 +373,19 @@ class Loader:
             if len(rows):
                 longest = max(longest, int(src.example_lengths(sample[rows]).max()))
         return longest
+
+    def _prefetch_after(self, step: int) -> None:
+        """Queue the remote shards of this rank's next steps for download (background thread)."""
+        if not self.cfg.prefetch or not any(ss.cache is not None for ss in self.shard_sets):
+            return
+        B, G = self.local_batch_size, self.global_batch_size
+        ahead = np.concatenate([(step + a) * G + self.dp_rank * B + np.arange(B, dtype=np.int64) for a in (1, 2)])
+        source, sample = self.locate(ahead)
+        for k, (src, ss) in enumerate(zip(self.sources, self.shard_sets)):
+            rows = source == k
+            if ss.cache is not None and rows.any():
+                shards = src.shards_of(sample[rows])[: self.cfg.prefetch_shards]
+                ss.cache.prefetch([ss.names[int(i)] for i in shards])
 
     def next_batch(self) -> dict:
         """The batch of the step after the last one returned (or restored)."""
@@ -360,7 +402,7 @@ class Loader:
             "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
             "validation_fraction": self.cfg.validation_fraction, "mixture_block_size": self.cfg.mixture_block_size,
             "sources": [
-                {"path": src.path, "weight": float(src.weight), "digest": manifest_digest(ss.manifest), "samples": s.num_samples}
+                {"path": src.path, "weight": float(src.weight), "digest": ss.digest, "samples": s.num_samples}
                 for src, ss, s in zip(self.cfg.sources, self.shard_sets, self.sources)
             ],
             "next_step": self._next_step,

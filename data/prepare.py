@@ -499,6 +499,63 @@ def _prepare(
     return manifest
 
 
+def prepare_megatron(
+    inputs: list[str], output: str, *, tokenizer: str, hf_dataset: Optional[str] = None, opts: Optional[ReadOptions] = None,
+    workers: int = 1, batch_docs: int = DEFAULT_BATCH_DOCS, skip_bad_records: bool = False, add_bos: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize like :func:`prepare` (an EOS after each document) into Megatron-LM's indexed dataset
+    ``OUTPUT.bin``/``OUTPUT.idx``, written by megatron-core's own ``IndexedDatasetBuilder`` (one
+    sequence per document, the dtype Megatron picks for the vocabulary). Local output only; written
+    under temporary names and renamed at the end (not resumable: rerun to redo). Returns a summary."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    opts = opts or ReadOptions()
+    if opts.sft:
+        raise ValueError("--format megatron writes pretraining data; it cannot be used with --sft")
+    if not inputs and not hf_dataset:
+        raise ValueError("no input: give --input (files, globs, URLs or 'embedded') or --hf-dataset")
+    if tokenizer is None:
+        raise ValueError("--format megatron needs --tokenizer (the Megatron files do not store one)")
+    if "://" in output and not output.startswith("file://"):
+        raise ValueError(f"--format megatron writes local files; got {output}")
+    prefix = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    tok = load_tokenizer(tokenizer)
+    dtype = DType.optimal_dtype(len(tok))
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+    docs = tokens = bad = 0
+    t0 = time.perf_counter()
+    results = _ordered_results(_batches(iter_records(inputs, opts, hf_dataset), batch_docs, 0), workers, tokenizer, False, add_bos, tok)
+    try:
+        for _, _, result in results:
+            if result["bad"] and not skip_bad_records:
+                raise ValueError(f"{result['bad'][0][1]} (pass --skip-bad-records to skip and count such records)")
+            bad += len(result["bad"])
+            ends = np.cumsum(result["lengths"])
+            for lo, hi in zip(ends - result["lengths"], ends):
+                builder.add_document(result["tokens"][lo:hi], [int(hi - lo)])
+            docs += len(result["lengths"])
+            tokens += int(ends[-1]) if len(ends) else 0
+        if docs == 0:
+            raise ValueError(f"empty input: no documents in {', '.join(inputs) or hf_dataset}")
+        builder.finalize(f"{tmp}.idx")
+        os.replace(f"{tmp}.bin", f"{prefix}.bin")
+        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    except BaseException:
+        builder.data_file.close()
+        for ext in ("bin", "idx"):
+            if os.path.exists(f"{tmp}.{ext}"):
+                os.remove(f"{tmp}.{ext}")
+        raise
+    finally:
+        results.close()
+    print(f"wrote {tokens:,} tokens, {docs:,} documents ({np.dtype(dtype).name}) to {prefix}.bin/.idx (Megatron indexed dataset) "
+          f"in {time.perf_counter() - t0:.1f}s; {bad} bad records skipped; train with data.tokenizer={tokenizer}")
+    return {"prefix": prefix, "tokens": tokens, "documents": docs, "dtype": np.dtype(dtype).name, "bad_records": bad}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--input", action="append", default=[], help="file, directory, glob, fsspec URL or 'embedded' (repeatable)")
@@ -525,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer trained for --input embedded")
     p.add_argument("--embedded-bytes", type=int, default=4_000_000, help="size of the embedded corpus in bytes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is still printed)")
+    p.add_argument("--format", choices=("shards", "megatron"), default="shards",
+                   help="shards: a difftron shard directory; megatron: OUTPUT.bin/OUTPUT.idx (Megatron-LM indexed dataset)")
     return p
 
 
@@ -537,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
         max_record_chars=args.max_record_chars,
     )
     try:
+        if args.format == "megatron":
+            prepare_megatron(
+                args.input, args.output, tokenizer=args.tokenizer, hf_dataset=args.hf_dataset, opts=opts, workers=args.workers,
+                batch_docs=args.batch_docs, skip_bad_records=args.skip_bad_records, add_bos=args.add_bos, progress=not args.no_progress,
+            )
+            return 0
         prepare(
             args.input, args.output, tokenizer=args.tokenizer, hf_dataset=args.hf_dataset, opts=opts,
             workers=args.workers, batch_docs=args.batch_docs, shard_tokens=args.shard_tokens,

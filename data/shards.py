@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import posixpath
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,21 +173,72 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class OpenMaps:
+    """An LRU of open memory maps (one file descriptor each): at most ``max_open``; the least
+    recently used is closed (dropped: nothing else keeps a reference) when another opens."""
+
+    def __init__(self, max_open: int) -> None:
+        if max_open < 1:
+            raise ValueError(f"data.max_open_shards must be >= 1, got {max_open}")
+        self.max_open = max_open
+        self._maps: OrderedDict = OrderedDict()
+
+    def get(self, key, opener) -> np.ndarray:
+        arr = self._maps.get(key)
+        if arr is not None:
+            self._maps.move_to_end(key)
+            return arr
+        while len(self._maps) >= self.max_open:
+            _, old = self._maps.popitem(last=False)
+            _close_map(old)
+        arr = opener()
+        self._maps[key] = arr
+        return arr
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def clear(self) -> None:
+        while self._maps:
+            _close_map(self._maps.popitem(last=False)[1])
+
+
+def _close_map(arr: np.ndarray) -> None:
+    """Drop the LRU's reference: the map (and its descriptor) is freed with the last view of it."""
+    del arr
+
+
+def map_file(path: str, dtype: np.dtype, count: int) -> np.ndarray:
+    """A read-only memory map of ``count`` items of ``dtype`` (one descriptor, held by the map)."""
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, count * dtype.itemsize, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=dtype, count=count)
+
+
 class ShardSet:
-    """The shards of one directory as one token stream: memory-mapped, checked, verified lazily.
+    """The shards of one directory as one token stream: memory-mapped on use, bounded, checked.
 
     ``root`` must be a local directory (remote sources are cached locally first, see
-    :mod:`data.sources`). Construction reads the manifest and every ``.idx`` (small), checks
-    file sizes against the manifest (a truncated shard fails here), and keeps document offsets
-    as global token offsets. ``.bin`` files are memory-mapped on first use; with
-    ``verify_checksums`` a shard's sha256 is checked the first time it is read.
+    :mod:`data.sources`). Construction reads only the manifest: per-shard token counts (small,
+    the number of shards) and the ``.bin`` checksums. Document offsets are read from the ``.idx``
+    files only when the sample index is built (:mod:`data.index`, once per data configuration,
+    checksummed). A ``.bin`` is memory-mapped when first read, after its size is checked against
+    the manifest (a missing or truncated shard fails there, naming the file), and closed when
+    more than ``max_open`` shards are open (LRU). Checksums of ``.bin`` files are verified in the
+    background (:class:`ChecksumVerifier`), never on the reading thread.
     """
 
-    def __init__(self, root: str, *, verify_checksums: bool = True, fetch=None) -> None:
+    def __init__(self, root: str, *, verify_checksums: bool = True, fetch=None, max_open: int = 64) -> None:
         self.root = root
+        self.index_root = root  # where the cached sample index goes by default (data.index)
         self.fs = fsspec.filesystem("file")
-        self.manifest = read_manifest(self.fs, root)
-        m = self.manifest
+        manifest = read_manifest(self.fs, root)
+        m = manifest
         if not m["complete"]:
             raise ValueError(f"{join(root, MANIFEST)}: the prepare run that writes this directory has not finished (complete: false)")
         if not m["shards"]:
@@ -193,69 +247,98 @@ class ShardSet:
         self.vocab_size = int(m["vocab_size"])
         self.kind = m["kind"]
         self.verify_checksums = verify_checksums
+        self.digest = manifest_digest(m)
+        self.names = [s["name"] for s in m["shards"]]
+        self.bin_sha256 = [s["sha256"]["bin"] for s in m["shards"]]
+        tokens = np.array([s["tokens"] for s in m["shards"]], dtype=np.int64)
+        self.num_documents = int(sum(s["documents"] for s in m["shards"]))
+        # the manifest without its per-shard list (that can be long): what the loader compares
+        self.manifest = {k: v for k, v in m.items() if k != "shards"}
         self._fetch = fetch  # callable(name) -> None that makes a remote .bin available locally
-        self._maps: dict[int, np.ndarray] = {}
-        shard_tokens, doc_starts, plens = [], [], []
-        base = 0
-        for s in m["shards"]:
-            offsets = self._read_small(s, "idx", IDX_DTYPE)
-            if len(offsets) != s["documents"] + 1 or offsets[0] != 0 or offsets[-1] != s["tokens"] or np.any(np.diff(offsets) <= 0):
-                raise ValueError(f"{self._path(s, 'idx')}: document offsets are inconsistent with the manifest (corrupted shard)")
-            if self.kind == "sft":
-                plen = self._read_small(s, "plen", PLEN_DTYPE)
-                if len(plen) != s["documents"]:
-                    raise ValueError(f"{self._path(s, 'plen')}: {len(plen)} prompt lengths for {s['documents']} examples")
-                plens.append(plen.astype(np.int64))
-            if fetch is None:
-                self._check_bin_size(s)
-            doc_starts.append(offsets[:-1] + base)
-            shard_tokens.append(s["tokens"])
-            base += s["tokens"]
-        self.total_tokens = base
-        self.shard_starts = np.concatenate([[0], np.cumsum(shard_tokens)]).astype(np.int64)
-        self.doc_starts = np.concatenate(doc_starts + [np.array([base], dtype=np.int64)])
-        self.prompt_lengths = np.concatenate(plens) if plens else None
-        self.num_documents = len(self.doc_starts) - 1
-        self._verified: set[int] = set()
+        self._maps = OpenMaps(max_open)
+        self.total_tokens = int(tokens.sum())
+        self.shard_starts = np.concatenate([[0], np.cumsum(tokens)]).astype(np.int64)
+        self.bad_marker = None  # callable(name) -> str | None: a recorded checksum failure (ChecksumVerifier)
+        self.cache = None  # the remote mirror (data.sources.ShardCache) when the shards are remote
+        self._listed_in, self._sized_by = f"listed in {join(root, MANIFEST)}", "the manifest"
 
-    def _path(self, s: dict, ext: str) -> str:
-        return join(self.root, f"{s['name']}.{ext}")
+    def _path(self, k: int, ext: str) -> str:
+        return os.path.join(self.root, f"{self.names[k]}.{ext}")
+
+    def bin_path(self, k: int) -> str:
+        return self._path(k, "bin")
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.names)
+
+    @property
+    def open_shards(self) -> int:
+        return len(self._maps)
 
     def _read_small(self, s: dict, ext: str, dtype: np.dtype) -> np.ndarray:
-        path = self._path(s, ext)
-        if not self.fs.exists(path):
-            raise FileNotFoundError(f"{path}: missing (listed in {join(self.root, MANIFEST)})")
-        data = self.fs.cat_file(path)
+        path = os.path.join(self.root, f"{s['name']}.{ext}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (listed in {join(self.root, MANIFEST)})") from None
         if len(data) % dtype.itemsize:
             raise ValueError(f"{path}: truncated ({len(data)} bytes, not a multiple of {dtype.itemsize})")
         if sha256_bytes(data) != s["sha256"][ext]:
             raise ValueError(f"{path}: checksum mismatch (sha256 differs from {MANIFEST}; corrupted shard)")
         return np.frombuffer(data, dtype=dtype)
 
-    def _check_bin_size(self, s: dict) -> None:
-        path = self._path(s, "bin")
-        if not self.fs.exists(path):
-            raise FileNotFoundError(f"{path}: missing (listed in {join(self.root, MANIFEST)})")
-        size, expect = self.fs.size(path), s["tokens"] * self.dtype.itemsize
+    def document_chunks(self):
+        """(document starts int64 [n + 1] as stream offsets, prompt lengths int64 [n] or None) per
+        shard, in order, read from the checksummed ``.idx``/``.plen`` files (for the index build;
+        every ``.bin`` size is checked here too)."""
+        m = read_manifest(self.fs, self.root)
+        if manifest_digest(m) != self.digest:
+            raise ValueError(f"{join(self.root, MANIFEST)}: changed while the loader started")
+        for k, s in enumerate(m["shards"]):
+            if self._fetch is not None:  # a remote mirror: the .idx/.plen are copied once, for this build
+                for ext in ("idx", "plen") if self.kind == "sft" else ("idx",):
+                    self._fetch(s["name"], ext)
+            offsets = self._read_small(s, "idx", IDX_DTYPE)
+            if len(offsets) != s["documents"] + 1 or offsets[0] != 0 or offsets[-1] != s["tokens"] or np.any(np.diff(offsets) <= 0):
+                raise ValueError(f"{self._path(k, 'idx')}: document offsets are inconsistent with the manifest (corrupted shard)")
+            plen = None
+            if self.kind == "sft":
+                plen = self._read_small(s, "plen", PLEN_DTYPE)
+                if len(plen) != s["documents"]:
+                    raise ValueError(f"{self._path(k, 'plen')}: {len(plen)} prompt lengths for {s['documents']} examples")
+                plen = plen.astype(np.int64)
+            if self._fetch is None:
+                self._check_bin_size(k)
+            yield offsets + self.shard_starts[k], plen
+
+    def _check_bin_size(self, k: int) -> None:
+        path = self._path(k, "bin")
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing ({self._listed_in})") from None
+        expect = int(self.shard_starts[k + 1] - self.shard_starts[k]) * self.dtype.itemsize
         if size != expect:
-            raise ValueError(f"{path}: truncated or corrupted: {size} bytes, the manifest says {expect} ({s['tokens']} tokens of {self.dtype.name})")
+            raise ValueError(f"{path}: truncated or corrupted: {size} bytes, {self._sized_by} says {expect} ({expect // self.dtype.itemsize} tokens of {self.dtype.name})")
+
+    def _open(self, k: int) -> np.ndarray:
+        if self._fetch is not None:
+            self._fetch(self.names[k])
+        self._check_bin_size(k)
+        if self.bad_marker is not None:
+            why = self.bad_marker(self.names[k])
+            if why:
+                raise ValueError(why)
+        return map_file(self._path(k, "bin"), self.dtype, int(self.shard_starts[k + 1] - self.shard_starts[k]))
 
     def shard_tokens(self, k: int) -> np.ndarray:
-        """The memory-mapped tokens of shard ``k`` (checked on first use)."""
-        arr = self._maps.get(k)
-        if arr is None:
-            s = self.manifest["shards"][k]
-            if self._fetch is not None:
-                self._fetch(s["name"])
-                self._check_bin_size(s)
-            path = self._path(s, "bin")
-            if self.verify_checksums and k not in self._verified:
-                if sha256_file(self.fs, path) != s["sha256"]["bin"]:
-                    raise ValueError(f"{path}: checksum mismatch (sha256 differs from {MANIFEST}; corrupted shard)")
-                self._verified.add(k)
-            arr = np.memmap(path, dtype=self.dtype, mode="r", shape=(s["tokens"],))
-            self._maps[k] = arr
-        return arr
+        """The memory-mapped tokens of shard ``k`` (size-checked when opened; LRU-bounded)."""
+        return self._maps.get(k, lambda: self._open(k))
+
+    def close(self) -> None:
+        self._maps.clear()
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream (may cross shard boundaries) as int64 [length]."""
@@ -282,12 +365,11 @@ class ShardSet:
             self._bad_id(k, bad, int(where[0]) if len(where) else -1)
 
     def _bad_id(self, k: int, token: int, offset: int) -> None:
-        s = self.manifest["shards"][k]
         raise ValueError(
-            f"{self._path(s, 'bin')}: token id {token} at token offset {offset} "
+            f"{self._path(k, 'bin')}: token id {token} at token offset {offset} "
             f">= vocab size {self.vocab_size} (corrupted shard or wrong manifest)"
         )
 
     def shard_of(self, pos: int) -> str:
         k = int(np.searchsorted(self.shard_starts, pos, side="right")) - 1
-        return self._path(self.manifest["shards"][k], "bin")
+        return self._path(k, "bin")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,79 +236,210 @@ def default_cache_dir() -> str:
 
 
 class ShardCache:
-    """A local mirror of a remote shard directory (any fsspec URL), filled lazily.
+    """A local mirror of a remote shard directory (any fsspec URL), shared by the processes of a node.
 
-    The manifest, ``.idx``/``.plen`` files and the tokenizer are copied at construction; a
-    shard's ``.bin`` when :meth:`fetch` first asks for it, or earlier when ``prefetch`` runs a
-    background thread that copies every shard in order. Files are written atomically, so an
-    interrupted copy is simply redone.
+    Every file is downloaded once per cache directory: a download holds the file's lock
+    (``locks/NAME.lock``, :mod:`filelock`), so the other ranks of the node wait for it and then use
+    the same copy. The manifest and tokenizer are copied at construction; ``.idx``/``.plen`` when
+    the sample index is built (once); a ``.bin`` when a reader needs it, or earlier when
+    :meth:`prefetch` queues it for the background thread (the loader queues the shards of its
+    next steps). A ``.bin`` is checked against the manifest's sha256 as it is downloaded (so its
+    checksum is verified once per node) and renamed into place only then. With ``max_bytes`` the
+    ``.bin`` files are bounded: after a download the least recently used ones are deleted (a
+    rank that still has one memory-mapped keeps reading it; a later open downloads it again).
     """
 
-    def __init__(self, url: str, cache_dir: Optional[str], *, prefetch: bool = True) -> None:
+    def __init__(self, url: str, cache_dir: Optional[str], *, prefetch: bool = True, max_bytes: Optional[int] = None) -> None:
+        from filelock import FileLock
+
         self.url = url.rstrip("/")
         self.fs, self.remote = fsspec.core.url_to_fs(self.url)
         key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.local = os.path.join(cache_dir or default_cache_dir(), key)
-        os.makedirs(self.local, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._FileLock = FileLock
+        try:
+            os.makedirs(os.path.join(self.local, "locks"), exist_ok=True)
+        except OSError as e:
+            raise OSError(f"{self.local}: cannot create the shard cache ({e.strerror or e})") from None
         manifest = S.read_manifest(self.fs, self.remote)
-        self._locks = {s["name"]: threading.Lock() for s in manifest["shards"]}
+        self._sha = {s["name"]: s["sha256"] for s in manifest["shards"]}
+        self.downloads = 0  # files this process downloaded (the rest were there or fetched by another rank)
         local_manifest = os.path.join(self.local, S.MANIFEST)
-        if os.path.exists(local_manifest):
-            with open(local_manifest) as f:
-                old = json.load(f)
-            if old.get("shards") != manifest["shards"]:  # the remote changed: start the mirror afresh
-                for name in os.listdir(self.local):
-                    if name.startswith("shard_"):
-                        os.remove(os.path.join(self.local, name))
-        for s in manifest["shards"]:
-            for ext in ("idx", "plen"):
-                if ext in s["sha256"]:
-                    self._get(f"{s['name']}.{ext}")
-        tok_remote = posixpath_join(self.remote, S.TOKENIZER_DIR)
-        if self.fs.isdir(tok_remote):
-            for path in self.fs.find(tok_remote):
-                rel = path[len(tok_remote):].lstrip("/")
-                self._get(f"{S.TOKENIZER_DIR}/{rel}", force=True)
-        S.write_atomic(fsspec.filesystem("file"), local_manifest, json.dumps(manifest, indent=1).encode())
+        with self._lock("manifest"):
+            if os.path.exists(local_manifest):
+                with open(local_manifest) as f:
+                    old = json.load(f)
+                if old.get("shards") != manifest["shards"]:  # the remote changed: start the mirror afresh
+                    for name in os.listdir(self.local):
+                        if name.startswith("shard_"):
+                            os.remove(os.path.join(self.local, name))
+            tok_remote = posixpath_join(self.remote, S.TOKENIZER_DIR)
+            if self.fs.isdir(tok_remote):
+                for path in self.fs.find(tok_remote):
+                    rel = path[len(tok_remote):].lstrip("/")
+                    self._download(f"{S.TOKENIZER_DIR}/{rel}", os.path.join(self.local, S.TOKENIZER_DIR, rel))
+            self._write(local_manifest, json.dumps(manifest, indent=1).encode())
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._queued: set[str] = set()
         self._thread = None
         self._error: Optional[BaseException] = None
         if prefetch:
-            names = [s["name"] for s in manifest["shards"]]
-            self._thread = threading.Thread(target=self._prefetch, args=(names,), daemon=True)
+            self._thread = threading.Thread(target=self._prefetch_loop, name="difftron-shard-prefetch", daemon=True)
             self._thread.start()
 
-    def _get(self, rel: str, force: bool = False) -> None:
-        dst = os.path.join(self.local, rel)
-        if os.path.exists(dst) and not force:
-            return
+    def _lock(self, name: str):
+        return self._FileLock(os.path.join(self.local, "locks", f"{name}.lock"), thread_local=False)
+
+    def _write(self, dst: str, data: bytes) -> None:
+        tmp = f"{dst}.tmp{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dst)
+        except OSError as e:
+            _remove(tmp)
+            raise OSError(f"{dst}: cannot write to the shard cache ({e.strerror or e}); free space, set data.cache_max_gb or another data.cache_dir") from None
+
+    def _download(self, rel: str, dst: str, sha256: Optional[str] = None) -> None:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         tmp = f"{dst}.tmp{os.getpid()}-{threading.get_ident()}"
-        self.fs.get_file(posixpath_join(self.remote, rel), tmp)
-        os.replace(tmp, dst)
-
-    def fetch(self, name: str) -> None:
-        """Make ``name.bin`` present in the local mirror (blocking)."""
-        with self._locks[name]:
-            self._get(f"{name}.bin")
-
-    def _prefetch(self, names: list[str]) -> None:
         try:
-            for name in names:
-                self.fetch(name)
-        except BaseException as e:  # reported by the first synchronous fetch that fails
-            self._error = e
+            self.fs.get_file(posixpath_join(self.remote, rel), tmp)
+            if sha256 is not None and S.sha256_file(fsspec.filesystem("file"), tmp) != sha256:
+                raise ValueError(f"{posixpath_join(self.url, rel)}: checksum mismatch (sha256 differs from {S.MANIFEST}; corrupted shard)")
+            os.replace(tmp, dst)
+        except OSError as e:
+            _remove(tmp)
+            if isinstance(e, FileNotFoundError) and not os.path.exists(os.path.dirname(dst)):
+                raise
+            if isinstance(e, FileNotFoundError):
+                raise FileNotFoundError(f"{posixpath_join(self.url, rel)}: missing (listed in {S.MANIFEST})") from None
+            raise OSError(f"{dst}: cannot write to the shard cache ({e.strerror or e}); free space, set data.cache_max_gb or another data.cache_dir") from None
+        except BaseException:
+            _remove(tmp)
+            raise
+        self.downloads += 1
+
+    def fetch(self, name: str, ext: str = "bin") -> None:
+        """Make ``name.ext`` present in the local mirror (blocking); downloads it at most once per node."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        self._fetch_one(name, ext)
+
+    def _fetch_one(self, name: str, ext: str = "bin") -> None:
+        dst = os.path.join(self.local, f"{name}.{ext}")
+        if os.path.exists(dst):
+            if ext == "bin" and self.max_bytes is not None:
+                _touch(dst)
+            return
+        with self._lock(f"{name}.{ext}"):
+            if os.path.exists(dst):  # another rank of this node downloaded it meanwhile
+                return
+            self._download(f"{name}.{ext}", dst, self._sha[name][ext] if ext == "bin" else None)
+        if ext == "bin" and self.max_bytes is not None:
+            self._evict(keep=dst)
+
+    def _evict(self, keep: str) -> None:
+        with self._lock("evict"):
+            files = []
+            for entry in os.scandir(self.local):
+                if entry.name.endswith(".bin") and entry.name.startswith("shard_"):
+                    st = entry.stat()
+                    files.append((st.st_mtime_ns, st.st_size, entry.path))
+            total = sum(f[1] for f in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                if path == keep:
+                    continue
+                _remove(path)
+                total -= size
+
+    def prefetch(self, names: list[str]) -> None:
+        """Queue shards' ``.bin`` for the background thread (no-op without prefetch)."""
+        if self._thread is None:
+            return
+        for name in names:
+            path = os.path.join(self.local, f"{name}.bin")
+            if os.path.exists(path):
+                if self.max_bytes is not None:
+                    _touch(path)  # needed soon: the most recently used, last to be evicted
+            elif name not in self._queued:
+                self._queued.add(name)
+                self._queue.put(name)
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            name = self._queue.get()
+            if name is None:
+                self._queue.task_done()
+                return
+            try:
+                self._fetch_one(name)
+            except BaseException as e:  # reported by the next synchronous fetch
+                self._error = e
+            finally:
+                self._queued.discard(name)
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until every queued prefetch is done (for tests and benchmarks)."""
+        if self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def posixpath_join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def open_shard_dir(path: str, *, cache_dir: Optional[str], prefetch: bool, verify_checksums: bool) -> S.ShardSet:
+def open_shard_dir(path: str, *, cache_dir: Optional[str], prefetch: bool, verify_checksums: bool, max_open: int = 64,
+                   cache_max_gb: Optional[float] = None) -> S.ShardSet:
     """A :class:`~data.shards.ShardSet` for a local directory, ``file://`` URL or remote URL."""
     local = _strip_protocol_file(path)
     if "://" not in local:
         if not os.path.isdir(local):
             raise FileNotFoundError(f"shard directory not found: {path}")
-        return S.ShardSet(local, verify_checksums=verify_checksums)
-    cache = ShardCache(path, cache_dir, prefetch=prefetch)
-    return S.ShardSet(cache.local, verify_checksums=verify_checksums, fetch=cache.fetch)
+        return S.ShardSet(local, verify_checksums=verify_checksums, max_open=max_open)
+    max_bytes = None if cache_max_gb is None else int(cache_max_gb * 1e9)
+    cache = ShardCache(path, cache_dir, prefetch=prefetch, max_bytes=max_bytes)
+    # remote shards are verified as they are downloaded (once per node), not again
+    ss = S.ShardSet(cache.local, verify_checksums=False, fetch=cache.fetch, max_open=max_open)
+    ss.cache = cache
+    return ss
+
+
+def open_source(src, cfg, *, index: int, megatron_tokenizer=None) -> S.ShardSet:
+    """The reader of ``data.sources[index]``: a shard directory (local or remote) or a Megatron prefix."""
+    from data.megatron import MegatronSource, is_megatron_prefix
+
+    fmt = src.format
+    if fmt not in ("auto", "shards", "megatron"):
+        raise ValueError(f"data.sources[{index}].format must be auto, shards or megatron, got {fmt!r}")
+    path = _strip_protocol_file(src.path)
+    if fmt == "megatron" or (fmt == "auto" and is_megatron_prefix(path)):
+        if "://" in path:
+            raise ValueError(f"data.sources[{index}]: Megatron datasets are read from local paths only, got {src.path}")
+        vocab, fingerprint, eos = megatron_tokenizer
+        return MegatronSource(path, vocab_size=vocab, tokenizer_fingerprint=fingerprint, eos_token_id=eos, max_open=cfg.max_open_shards)
+    return open_shard_dir(src.path, cache_dir=cfg.cache_dir, prefetch=cfg.prefetch, verify_checksums=cfg.verify_checksums,
+                          max_open=cfg.max_open_shards, cache_max_gb=cfg.cache_max_gb)

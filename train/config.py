@@ -296,7 +296,7 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> None:
         raise ConfigError("train.warmup_steps and train.decay_steps must be >= 0")
     if check_paths:
         for i, src in enumerate(cfg.data.sources):
-            if "://" not in src.path and not Path(src.path).exists():
+            if "://" not in src.path and not Path(src.path).exists() and not Path(src.path + ".idx").exists():  # dir or Megatron PREFIX
                 raise ConfigError(f"data.sources[{i}].path does not exist: {src.path}")
         if t.init_from is not None and "://" not in t.init_from and not Path(t.init_from).exists():
             raise ConfigError(f"train.init_from does not exist: {t.init_from}")

@@ -174,30 +174,66 @@ def test_remote_source_through_the_cache(tmp_path, small_tokenizer, docs):
 @pytest.fixture
 def broken(tmp_path, shard_dir) -> Path:
     out = tmp_path / "broken"
-    shutil.copytree(shard_dir, out)
+    shutil.copytree(shard_dir, out, ignore=shutil.ignore_patterns(".difftron_index"))
     return out
 
 
-def test_truncated_shard(broken):
+def test_truncated_or_missing_shard(broken):
+    ld = loader(broken, seq_len=32, gbs=64, verify_checksums=False)  # builds the index (every size is checked)
     path = broken / "shard_00001.bin"
-    path.write_bytes(path.read_bytes()[:-10])
+    good = path.read_bytes()
+    path.write_bytes(good[:-10])
+    with pytest.raises(ValueError, match=r"shard_00001\.bin: truncated or corrupted: \d+ bytes, the manifest says"):
+        for s in range(20):  # the index is cached now: the size is checked when the shard is opened
+            ld.batch(s)
     with pytest.raises(ValueError, match=r"shard_00001\.bin: truncated or corrupted"):
-        loader(broken)
+        for s in range(20):
+            loader(broken, seq_len=32, gbs=64).batch(s)
+    shutil.rmtree(broken / ".difftron_index")
+    with pytest.raises(ValueError, match=r"shard_00001\.bin: truncated or corrupted"):
+        loader(broken)  # a fresh index build checks every shard
+    (broken / "shard_00002.bin").unlink()
+    path.write_bytes(good)
+    with pytest.raises(FileNotFoundError, match=r"shard_00002\.bin: missing \(listed in .*manifest.json\)"):
+        for s in range(20):
+            ld.batch(s)
 
 
-def test_checksum_mismatch(broken):
+def test_checksum_mismatch_found_once_in_the_background(broken):
     path = broken / "shard_00000.bin"
     data = bytearray(path.read_bytes())
     data[100] ^= 1
     path.write_bytes(bytes(data))
     ld = loader(broken, seq_len=32, gbs=64)
+    (verifier,) = ld.verifiers
+    assert verifier.thread is not None  # this process verifies, on its own thread
+    verifier.join(timeout=120)
     with pytest.raises(ValueError, match=r"shard_00000\.bin: checksum mismatch"):
-        for s in range(10):
-            ld.batch(s)
+        ld.batch(0)
+    # the failure is recorded: another process (here: loader) that opens the shard stops there too,
+    # without hashing anything itself
+    other = loader(broken, seq_len=32, gbs=64)
+    assert other.verifiers[0].thread is None
+    with pytest.raises(ValueError, match=r"shard_00000\.bin: checksum mismatch"):
+        for s in range(20):
+            other.batch(s)
     idx = broken / "shard_00002.idx"
     idx.write_bytes(idx.read_bytes()[:-8] + (10**6).to_bytes(8, "little"))
+    shutil.rmtree(broken / ".difftron_index")
     with pytest.raises(ValueError, match=r"shard_00002\.idx: checksum mismatch"):
         loader(broken)
+
+
+def test_checksums_are_verified_once_and_recorded(shard_dir, tmp_path):
+    ld = loader(shard_dir, seq_len=32, gbs=8, cache_dir=str(tmp_path / "cache"))
+    (v,) = ld.verifiers
+    if v.thread is not None:
+        v.join(timeout=120)
+    record = Path(v.dir) / "verified.txt"
+    names = json.loads((Path(shard_dir) / "manifest.json").read_text())["shards"]
+    assert sorted(record.read_text().split()) == sorted(s["name"] for s in names)
+    again = loader(shard_dir, seq_len=32, gbs=8, cache_dir=str(tmp_path / "cache"))
+    assert again.verifiers[0].thread is None  # nothing left to verify: no thread, no hashing
 
 
 def test_missing_or_incomplete_manifest(broken, tmp_path):

@@ -46,9 +46,9 @@ def examples_of_step(ld, step):
     for k, s in zip(source, sample):
         src = ld.sources[int(k)]
         doc = int(src.examples[int(s)])
-        lo, hi = int(src.shards.doc_starts[doc]), int(src.shards.doc_starts[doc + 1])
+        lo, hi = int(src.doc_starts[doc]), int(src.doc_starts[doc + 1])
         n = min(hi - lo, SEQ_LEN)
-        out.append((src.shards.read(lo, n).tolist(), int(src.shards.prompt_lengths[doc])))
+        out.append((src.shards.read(lo, n).tolist(), int(src.prompt_lengths[doc])))
     return out
 
 
