@@ -55,44 +55,46 @@ def _sum(ts) -> int:
     return sum(_nbytes(t) for t in (ts or []))
 
 
+def _tensor(i: int, name: str) -> Callable:
+    """Payload = the bytes of argument ``i`` (or keyword ``name``)."""
+    return lambda a, k: _nbytes(_arg(a, k, i, name))
+
+
+def _tensors(i: int, name: str) -> Callable:
+    """Payload = the bytes of the tensor list in argument ``i`` (or keyword ``name``)."""
+    return lambda a, k: _sum(_arg(a, k, i, name))
+
+
 def _all_gather_list(a, k) -> int:  # all_gather(tensor_list, tensor): the gathered output
     return _sum(_arg(a, k, 0, "tensor_list"))
 
 
-def _gather(a, k) -> int:  # gather(tensor, gather_list, dst): n copies of the input
-    t = _arg(a, k, 0, "tensor")
-    group = _arg(a, k, 3, "group")
-    return _nbytes(t) * dist.get_world_size(group)
-
-
-def _scatter(a, k) -> int:
-    t = _arg(a, k, 0, "tensor")
-    group = _arg(a, k, 3, "group")
-    return _nbytes(t) * dist.get_world_size(group)
+def _n_copies(a, k) -> int:  # gather(tensor, gather_list, dst, group) / scatter(tensor, scatter_list, src, group)
+    return _nbytes(_arg(a, k, 0, "tensor")) * dist.get_world_size(_arg(a, k, 3, "group"))
 
 
 COLLECTIVES: dict[str, tuple[str, Callable]] = {
-    "all_reduce": (_RING2, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "all_reduce_coalesced": (_RING2, lambda a, k: _sum(_arg(a, k, 0, "tensors"))),
-    "reduce": (_RING1, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "reduce_scatter": (_RING1, lambda a, k: _sum(_arg(a, k, 1, "input_list"))),
-    "reduce_scatter_tensor": (_RING1, lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
-    "reduce_scatter_single": (_RING1, lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
-    "_reduce_scatter_base": (_RING1, lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
+    "all_reduce": (_RING2, _tensor(0, "tensor")),
+    "all_reduce_coalesced": (_RING2, _tensors(0, "tensors")),
+    "reduce": (_RING1, _tensor(0, "tensor")),
+    "reduce_scatter": (_RING1, _tensors(1, "input_list")),
+    "reduce_scatter_tensor": (_RING1, _tensor(1, "input")),
+    "reduce_scatter_single": (_RING1, _tensor(1, "input")),
+    "_reduce_scatter_base": (_RING1, _tensor(1, "input")),
     "all_gather": (_RING1, _all_gather_list),
-    "all_gather_into_tensor": (_RING1, lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor"))),
-    "all_gather_single": (_RING1, lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor"))),
-    "_all_gather_base": (_RING1, lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor"))),
+    "all_gather_into_tensor": (_RING1, _tensor(0, "output_tensor")),
+    "all_gather_single": (_RING1, _tensor(0, "output_tensor")),
+    "_all_gather_base": (_RING1, _tensor(0, "output_tensor")),
     "all_gather_coalesced": (_RING1, lambda a, k: sum(_sum(ts) for ts in (_arg(a, k, 0, "output_tensor_lists") or []))),
-    "broadcast": (_RING1, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "gather": (_RING1, _gather),
-    "scatter": (_RING1, _scatter),
-    "all_to_all": (_RING1, lambda a, k: _sum(_arg(a, k, 1, "input_tensor_list"))),
-    "all_to_all_single": (_RING1, lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
-    "send": (_P2P, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "isend": (_P2P, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "recv": (_RECV, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "irecv": (_RECV, lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
+    "broadcast": (_RING1, _tensor(0, "tensor")),
+    "gather": (_RING1, _n_copies),
+    "scatter": (_RING1, _n_copies),
+    "all_to_all": (_RING1, _tensors(1, "input_tensor_list")),
+    "all_to_all_single": (_RING1, _tensor(1, "input")),
+    "send": (_P2P, _tensor(0, "tensor")),
+    "isend": (_P2P, _tensor(0, "tensor")),
+    "recv": (_RECV, _tensor(0, "tensor")),
+    "irecv": (_RECV, _tensor(0, "tensor")),
     "barrier": (_RING1, lambda a, k: 0),
 }
 # the group argument's position per name (default: keyword "group" or the last positional slot)

@@ -21,12 +21,12 @@ import subprocess
 import sys
 import tempfile
 
-DEFAULT_CASES = [
-    "tp1_pp1_dp2_z0", "tp1_pp1_dp2_z1", "tp1_pp1_dp2_z2", "tp1_pp1_dp2_z3",
-    "tp1_pp1_dp2_z1_bf16_before", "tp1_pp1_dp2_z1_bf16",
-    "tp1_pp1_dp4_z1_bf16_before", "tp1_pp1_dp4_z1_bf16",
-    "tp2_pp1_dp1_z0", "tp2_pp1_dp2_z1_bf16", "tp2_pp1_dp2_z1_sp_bf16", "tp1_pp2_dp1_z0", "tp1_pp2_dp2_z1_bf16",
+LAYOUTS = [
+    "tp1_pp1_dp2_z0", "tp1_pp1_dp2_z1", "tp1_pp1_dp2_z2", "tp1_pp1_dp2_z3", "tp1_pp1_dp2_z1_bf16",
+    "tp1_pp1_dp2_z2_bf16", "tp1_pp1_dp4_z1_bf16", "tp2_pp1_dp1_z0", "tp2_pp1_dp2_z1_bf16",
+    "tp2_pp1_dp2_z1_sp_bf16", "tp1_pp2_dp1_z0", "tp1_pp2_dp2_z1_bf16",
 ]
+DEFAULT_CASES = [c for layout in LAYOUTS for c in (layout + "_before", layout)]  # before issue 16, now
 CASE_RE = re.compile(r"tp(\d)_pp(\d)_dp(\d)_z(\d)(_sp)?(_bf16)?(_before)?")
 GLOBAL_BATCH, SEQ, MBS, SEED = 16, 16, 2, 1234
 
