@@ -118,3 +118,19 @@ def test_dp_minimum_formulas():
     assert dp_minimum(100, 4, 2, 2, 2, 3) == {"grad": 450.0, "param": 150.0}
     assert dp_minimum(100, 4, 3, 2, 2, 3) == {"grad": 450.0, "param": 900.0}
     assert dp_minimum(100, 1, 1, 2, 2, 3) == {"grad": 0.0, "param": 0.0}
+
+
+def test_deepspeed_config_overlaps_and_reduce_scatters():
+    from train.layout import ParallelConfig, ParallelLayout
+    from train.parallelize import MAX_BUCKET_ELEMENTS, bucket_elements, deepspeed_config
+
+    tiny = comm.tiny_config()
+    dp = ParallelLayout.from_config(ParallelConfig(zero_stage=1), 4, tiny, 2, 16)
+    z = deepspeed_config(dp, 1.0, "bf16", 8_000)["zero_optimization"]
+    assert z["overlap_comm"] and z["reduce_scatter"] and not z["use_multi_rank_bucket_allreduce"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 1000
+    assert deepspeed_config(dp, 1.0, "bf16")["data_types"] == {"grad_accum_dtype": "fp32"}
+    pipe = ParallelLayout.from_config(ParallelConfig(pp=2, zero_stage=1), 4, tiny, 2, 16)
+    assert "overlap_comm" not in deepspeed_config(pipe, 1.0, "bf16")["zero_optimization"]
+    assert deepspeed_config(dp, 1.0, "bf16", overlap=False)["zero_optimization"] == {"stage": 1}
+    assert bucket_elements(8_000_000_000) == MAX_BUCKET_ELEMENTS and bucket_elements(80_000) == 10_000
