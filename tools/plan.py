@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ModelConfig
+from tools.plan_comm import Interconnect, describe_step_times, rank_by_step_time
 
 GB = 1e9
 GIB = 2**30
@@ -333,6 +334,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: train.global_batch_size, or 1280)")
     ap.add_argument("--reserve-gb", type=float, default=4.0, help="per-GPU reserve for CUDA context, NCCL, fragmentation (GB); default 4")
     ap.add_argument("--top", type=int, default=10, help="layouts to list; default 10")
+    ap.add_argument("--nvlink-gbps", type=float, default=360.0, help="NVLink bus bandwidth per GPU inside a node (GB/s); default 360")
+    ap.add_argument("--ib-gbps", type=float, default=45.0, help="InfiniBand bandwidth per GPU between nodes (GB/s); default 45")
     return ap.parse_args(argv)
 
 
@@ -364,10 +367,14 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_node=args.gpus_per_node, micro_batches=[args.micro_batch] if args.micro_batch else None,
             reserve_bytes=reserve,
         )
+        net = Interconnect(args.nvlink_gbps, args.ib_gbps, args.gpus_per_node)
+        layouts = rank_by_step_time(cfg, layouts, net)  # communication-aware ranking (tools/plan_comm.py)
         out.append("")
         out.append(f"global batch {global_batch} sequences of {seq_len} tokens "
                    f"({global_batch * seq_len:,} tokens, {cfg.flops_per_token(seq_len) * global_batch * seq_len:.3e} FLOPs per step)")
         out += describe_layouts(layouts, gpus=args.gpus, capacity_bytes=capacity, top=args.top)
+        if layouts:
+            out += [""] + describe_step_times(layouts, gpus=args.gpus, top=args.top, net=net)
     print("\n".join(out))
     return 0
 

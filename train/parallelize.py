@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import attention
 from model.config import ModelConfig
 from model.llada import CHECKPOINTING_MODES, LLaDAModel, RMSNorm, apply_rope, init_weights, rope_tables
+from train.deepspeed_compat import zero1_bf16_with_fp32_accumulation
 from train.layout import MegatronMPU, ParallelLayout
 
 NO_CLIP = 1e30  # a clipping threshold that never clips (DeepSpeed computes norms only when > 0)
@@ -351,21 +352,56 @@ def _pipeline_module(specs, loss, layout: ParallelLayout):
     return LLaDAPipeline(layers=specs, loss_fn=loss, topology=topology, partition_method="uniform")
 
 
-def deepspeed_config(layout: ParallelLayout, grad_clip: float, precision: str) -> dict:
+# DeepSpeed's default bucket (5e8 elements); smaller stages get about 8 buckets per backward
+MAX_BUCKET_ELEMENTS = 500_000_000
+
+
+def bucket_elements(local_params: int | None) -> int:
+    """Elements per gradient-reduction / parameter-all-gather bucket: DeepSpeed's default 5e8, or
+    about an eighth of this rank's parameters when that is smaller (so the reduction of a small
+    model is still split into buckets that go out during the backward pass). Even, >= 1000."""
+    if local_params is None:
+        return MAX_BUCKET_ELEMENTS
+    return max(1000, min(MAX_BUCKET_ELEMENTS, -(-local_params // 8))) // 2 * 2
+
+
+def deepspeed_config(
+    layout: ParallelLayout, grad_clip: float, precision: str, local_params: int | None = None, *, overlap: bool = True
+) -> dict:
+    """The DeepSpeed config of a layout (docs/communication.md). With ``overlap`` (the default),
+    ZeRO 1-3 reduce gradients bucket by bucket (``reduce_bucket_size`` = :func:`bucket_elements`
+    of ``local_params``) to their partition owners (``reduce_scatter`` with
+    ``use_multi_rank_bucket_allreduce=false``: one reduce per owner, not an all-reduce) and, at
+    PP=1, during the backward pass (``overlap_comm``; ZeRO-1 only in the last micro-batch's).
+    bf16 + ZeRO-1 keeps fp32 gradient accumulation (reduced in bf16, as before); build it inside
+    ``train.deepspeed_compat.zero1_bf16_with_fp32_accumulation`` (DeepSpeedZeroOptimizer
+    instead of BF16_Optimizer). ``overlap=False`` gives the configuration before issue 16."""
+    zero: dict = {"stage": layout.zero_stage}
     config = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum_steps,
         "gradient_clipping": grad_clip if grad_clip > 0 else NO_CLIP,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
     if precision == "bf16" and layout.zero_stage == 1:
-        # BF16_Optimizer: bf16 weights, fp32 masters and fp32 gradient accumulation
+        # fp32 masters and fp32 gradient accumulation
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if overlap and layout.zero_stage > 0:
+        bucket = bucket_elements(local_params)
+        zero.update(
+            contiguous_gradients=True, reduce_scatter=True, use_multi_rank_bucket_allreduce=False,
+            reduce_bucket_size=bucket, allgather_bucket_size=bucket,
+        )
+        if layout.pp == 1:  # DeepSpeed's pipeline engine turns overlap_comm off (and warns)
+            zero["overlap_comm"] = True
+        if layout.zero_stage == 3:
+            zero.pop("allgather_bucket_size")
+            zero.update(stage3_prefetch_bucket_size=bucket)
     if layout.pp > 1:
         # activations are identical on TP peers (or sequence-sharded): send them whole
         config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
@@ -454,9 +490,9 @@ def parallelize(
         eps=eps,
     )
     kwargs = {} if layout.pp > 1 else {"mpu": MegatronMPU()}
-    engine, *_ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=deepspeed_config(layout, grad_clip, precision), **kwargs
-    )
+    ds_config = deepspeed_config(layout, grad_clip, precision, sum(p.numel() for p in params))
+    with zero1_bf16_with_fp32_accumulation():
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, **kwargs)
     if layout.zero_stage == 0 and precision == "fp32":
         _use_model_parallel_clipping(engine, params, grad_clip)
     return ParallelModel(engine=engine, layers=layers, loss=loss, layout=layout, device=device)

@@ -37,6 +37,8 @@ TWO_RANKS = [
     "tp1_pp2_z1_resume",
     "tp1_pp2_z1_bf16",  # bf16 smoke (fp32 masters + fp32 grad accumulation), loose bound
     "tp2_pp1_z1_bf16",
+    "tp1_pp1_z1_bf16",  # DP2 bf16 ZeRO-1: DeepSpeedZeroOptimizer, fp32 accumulation, overlapped reduce
+    "tp1_pp1_z1_resume_bf16",  # ... and its DeepSpeed checkpoint round trip
 ]
 FOUR_RANKS = [
     "tp2_pp1_z1",  # TP2×DP2 ZeRO-1 / ZeRO-2
