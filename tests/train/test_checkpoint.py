@@ -180,11 +180,20 @@ def flipped_run(tmp_path_factory, embedded_shards) -> Path:
     """A finished one-step run whose checkpoint has one byte of its weights flipped (same size)."""
     out = tmp_path_factory.mktemp("flipped") / "run"
     assert main([DEMO, *SMALL, f"train.out_dir={out}", f"data.sources=[{{path: {embedded_shards}}}]"]) == 0
-    data = next((out / "checkpoints").glob("step_*/dcp/__0_0.distcp"))
-    blob = bytearray(data.read_bytes())
-    blob[len(blob) // 3] ^= 0x40
-    data.write_bytes(bytes(blob))
+    flip_weight_byte(next((out / "checkpoints").glob("step_*")))
     return out
+
+
+def flip_weight_byte(ckpt: Path, key: str = "model/transformer.wte.weight") -> None:
+    """Flip one byte in the middle of the stored bytes of tensor ``key`` (the file keeps its size)."""
+    from train.checkpoint import _make_reader
+
+    storage = _make_reader(ckpt / "dcp", {}).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn == key)
+    data = ckpt / "dcp" / info.relative_path
+    blob = bytearray(data.read_bytes())
+    blob[info.offset + info.length // 2] ^= 0x40
+    data.write_bytes(bytes(blob))
 
 
 def _one_error_line(err: str) -> str:
