@@ -28,6 +28,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
 
 from model.llada import build_model  # noqa: E402
 from parity_worker import G, MBS, OPT, SEED, finish, lr_at, rel, run_cases, split, step_batch, tiny_config  # noqa: E402
@@ -80,6 +81,22 @@ def state_distance(a: dict, b: dict) -> float:
     return worst
 
 
+def hf_logits_distance(ckpt, weights: dict, config, folder: str, name: str) -> float:
+    """Rank 0: ``tools.convert_to_hf`` of the multi-rank checkpoint (fp32), loaded back; the
+    largest logit difference from a model holding the training engine's gathered weights."""
+    if dist.get_rank() != 0:
+        return 0.0
+    from tools.convert_to_hf import convert_checkpoint
+    from tools.loading import load_for_inference, model_from_state_dict
+
+    hf = convert_checkpoint(ckpt, os.path.join(folder, name + "-hf"), dtype="fp32")
+    exported, _ = load_for_inference(hf, require_tokenizer=False)
+    trained = model_from_state_dict(config, weights)
+    ids = torch.randint(0, 125, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return float((exported(ids) - trained(ids)).abs().max())
+
+
 def run_case(name: str, world: int, config, ref_state: dict, folder: str) -> dict:
     from train.checkpoint import load_into_engine, save_checkpoint
 
@@ -92,7 +109,8 @@ def run_case(name: str, world: int, config, ref_state: dict, folder: str) -> dic
     opt = a.engine.full_optimizer_state()
     res = {"state": state_distance(opt, ref_state), "step_count": int(opt["::step"])}
     ckpt = save_checkpoint(os.path.join(folder, name), K, state=a.engine.checkpoint_state(), trainer_state={},
-                           config_yaml="", tokenizer_dir=None, rng=False)
+                           config_yaml=yaml.safe_dump({"model": config.to_dict()}), tokenizer_dir=None, rng=False)
+    res["hf_logits"] = hf_logits_distance(ckpt, a.engine.model_state_dict(), config, folder, name)
     want = a.step(K, config)
     want_weights = a.engine.model_state_dict()
     a.close()
@@ -130,7 +148,8 @@ def main() -> int:
     if rank == 0:
         for case, per_rank in merged.items():
             if "error" not in per_rank:
-                merged[case] = {k: max(r[k] for r in per_rank) for k in ("loss", "norm", "weights", "state", "step_count")}
+                keys = ("loss", "norm", "weights", "state", "step_count", "hf_logits")
+                merged[case] = {k: max(r[k] for r in per_rank) for k in keys}
     return finish(out_path, merged)
 
 
