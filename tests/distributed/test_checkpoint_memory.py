@@ -21,7 +21,9 @@ SLACK = 256 << 20
 def test_every_rank_holds_and_reads_only_its_share(layout, tmp_path):
     ranks = launch_worker("checkpoint_memory_worker.py", 4, [layout], tmp_path)["ranks"]
     whole = sum(r["share"] for r in ranks)
-    assert whole >= 4 * max(r["share"] for r in ranks), ranks
+    for rank, r in enumerate(ranks):  # shown with -s (figures for BENCHMARKS.md)
+        print(layout, rank, {k: round(v / 2**20, 1) for k, v in r.items()}, "MiB")
+    assert whole >= 3.99 * max(r["share"] for r in ranks), ranks  # 4 shares up to ZeRO alignment
     assert whole > 4 * SLACK / 5, "the model is too small for the 256 MB slack to be tight"
     for rank, r in enumerate(ranks):
         bound = 1.3 * r["share"] + SLACK
