@@ -327,13 +327,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unexpected object {module}.{name} (not DCP metadata)")
 
 
-def _make_reader(path: Path, checksums: dict):
+def _make_reader(path: Path, checksums: dict, metadata=None):
     from torch.distributed.checkpoint import FileSystemReader
 
     class Reader(FileSystemReader):
         """DCP's file reader; every chunk's bytes are checked against their CRC-32 before use."""
 
         def read_metadata(self, *args, **kwargs):
+            if metadata is not None:  # read once by the caller (one tensor at a time readers)
+                return metadata
             meta = path / ".metadata"
             try:
                 with open(meta, "rb") as f:
@@ -763,14 +765,15 @@ def _checksums(ckpt: Path) -> dict:
         raise CheckpointError(f"{f} is unreadable") from None
 
 
-def load_state(ckpt: Path, state: dict, *, distributed: bool | None = None) -> None:
+def load_state(ckpt: Path, state: dict, *, distributed: bool | None = None, _cache: tuple | None = None) -> None:
     """Fill ``state`` (``{key: Sharded | tensor}``: this rank's chunks, any layout) from ``ckpt``;
     each rank reads only the stored byte ranges that overlap its chunks and checks their CRC-32.
     Collective when distributed (every rank calls it). :class:`CheckpointError` (one line, on
     every rank) for a damaged checkpoint, a missing tensor or a shape of another model."""
     _, LoadPlanner = _make_planners()
     use_dist = _distributed() if distributed is None else distributed
-    reader = _make_reader(ckpt / DATA_DIR, _checksums(ckpt))
+    checksums, metadata = _cache if _cache is not None else (_checksums(ckpt), None)
+    reader = _make_reader(ckpt / DATA_DIR, checksums, metadata)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
@@ -801,12 +804,13 @@ def stored_tensors(ckpt: Path, prefix: str = MODEL_PREFIX) -> dict[str, tuple[tu
 def iter_model_tensors(ckpt: Path, names) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` one at a time (single process; memory about one tensor)."""
     shapes = stored_tensors(ckpt)
+    cache = (_checksums(ckpt), _make_reader(ckpt / DATA_DIR, {}).read_metadata())
     for name in names:
         if name not in shapes:
             raise CheckpointError(f"{ckpt} has no tensor {name!r}")
         shape, dtype = shapes[name]
         full = torch.empty(shape, dtype=dtype)
-        load_state(ckpt, {MODEL_PREFIX + name: whole(full)}, distributed=False)
+        load_state(ckpt, {MODEL_PREFIX + name: whole(full)}, distributed=False, _cache=cache)
         yield name, full
 
 
