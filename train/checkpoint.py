@@ -327,15 +327,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unexpected object {module}.{name} (not DCP metadata)")
 
 
-def _make_reader(path: Path, checksums: dict, metadata=None):
+def _make_reader(path: Path, checksums: dict, cached=None):
     from torch.distributed.checkpoint import FileSystemReader
 
     class Reader(FileSystemReader):
         """DCP's file reader; every chunk's bytes are checked against their CRC-32 before use."""
 
         def read_metadata(self, *args, **kwargs):
-            if metadata is not None:  # read once by the caller (one tensor at a time readers)
-                return metadata
+            if cached is not None:  # read once by the caller (one tensor at a time readers)
+                return cached
             meta = path / ".metadata"
             try:
                 with open(meta, "rb") as f:

@@ -37,13 +37,18 @@ def _saving(run_dir) -> bool:
     return root.is_dir() and any(".tmp-" in p.name for p in root.iterdir())
 
 
+def _complete_run(run_dir, shards, *extra) -> dict[int, float]:
+    """Run (or resume) to the end; every step's loss."""
+    proc = subprocess.run(_cmd(run_dir, shards, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_then_resume_matches_the_uninterrupted_run(tmp_path, embedded_shards):
-    full_dir = tmp_path / "full"
-    proc = subprocess.run(_cmd(full_dir, embedded_shards), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    full = _losses(full_dir)
-    assert sorted(full) == list(range(1, STEPS + 1))
+    full = _complete_run(tmp_path / "full", embedded_shards)
 
     crash_dir = tmp_path / "crash"
     kills = 0
@@ -71,11 +76,7 @@ def test_kill_9_during_saves_then_resume_matches_the_uninterrupted_run(tmp_path,
             break
     assert kills >= 1
 
-    proc = subprocess.run(_cmd(crash_dir, embedded_shards, "train.resume=true"), cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed = _losses(crash_dir)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
+    resumed = _complete_run(crash_dir, embedded_shards, "train.resume=true")
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=0), (kills, step, resumed, full)
     assert not _saving(crash_dir)  # leftovers of the cut saves were removed at the relaunches
