@@ -383,12 +383,12 @@ class ParallelEngine:
             base[p.partition_dim] = self.tp_rank * local_shape[p.partition_dim]
         return tuple(base)
 
-    def _fp32_pieces(self, p) -> tuple[int, tuple[int, ...], torch.Tensor | None, dict]:
+    def _fp32_pieces(self, p, moments: bool = True) -> tuple[int, tuple[int, ...], torch.Tensor | None, dict]:
         """``(start, local shape, fp32 master view, {moment: view})`` of the part of ``p`` this
         rank owns: a 1-D range starting at element ``start`` of the flattened TP shard under
         ZeRO-1/2/3 and bf16 (DeepSpeed's fp32 partition), or the whole TP shard (ZeRO-0 fp32).
         Views of the live tensors (``None`` when this rank owns no part of ``p``)."""
-        keys = ("exp_avg", "exp_avg_sq")
+        keys = ("exp_avg", "exp_avg_sq") if moments else ()
         if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened parameter
             from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
@@ -396,14 +396,14 @@ class ParallelEngine:
             start = dist.get_rank(group=p.ds_process_group) * size
             valid = max(0, min(size, p.ds_numel - start))
             master = safe_get_local_fp32_param(p).narrow(0, 0, valid)
-            moments = {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, valid) for k in keys}
-            return start, tuple(p.ds_shape), master, moments
+            views = {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, valid) for k in keys}
+            return start, tuple(p.ds_shape), master, views
         if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and bf16: a fragment of the flattened shard
             frag = p._hp_mapping
             if frag is None:
                 return 0, tuple(p.shape), None, {}
-            moments = {k: frag.get_optim_state_fragment(k) for k in keys} if frag.optim_fragment else {}
-            return frag.lp_fragment_address.start, tuple(p.shape), frag.get_hp_fragment(), moments
+            views = {k: frag.get_optim_state_fragment(k) for k in keys} if frag.optim_fragment else {}
+            return frag.lp_fragment_address.start, tuple(p.shape), frag.get_hp_fragment(), views
         st = self._base_optimizer().state.get(p, {})
         return 0, tuple(p.shape), p.data.view(-1), {k: st[k].view(-1) for k in keys if k in st}
 
@@ -419,7 +419,7 @@ class ParallelEngine:
         state: dict = {}
         for layer in self.pm.layers:
             for name, p in layer.full_named_parameters():
-                start, local_shape, master, moments = self._fp32_pieces(p)
+                start, local_shape, master, moments = self._fp32_pieces(p, moments=optimizer)
                 base = self._tp_base(p, local_shape)
                 size = list(local_shape)
                 if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
@@ -450,7 +450,7 @@ class ParallelEngine:
         with torch.no_grad():
             if any(hasattr(p, "ds_id") for p in params):
                 for p in params:
-                    _, _, master, _ = self._fp32_pieces(p)
+                    _, _, master, _ = self._fp32_pieces(p, moments=False)
                     p.ds_tensor.data.view(-1).narrow(0, 0, master.numel()).copy_(master)
             elif any(hasattr(p, "_hp_mapping") for p in params):
                 self.engine.optimizer.update_lp_params()
