@@ -7,16 +7,18 @@ HF_DIR is a local folder in LLaDA's format (e.g. GSAI-ML/LLaDA-8B-Base downloade
 weights (sharded with ``model.safetensors.index.json``, or one ``model.safetensors``) and tokenizer
 files. OUT becomes a run folder::
 
-    OUT/checkpoints/step_00000000/
-        model.safetensors   full weights in our names (fp32 unless --dtype)
-        config.yaml         a ``model:`` section with the ModelConfig fields
-        state.json          {"step": 0, "converted_from": HF_DIR}
-        tokenizer/          the HF tokenizer files
-    OUT/checkpoints/latest  "step_00000000"
+    OUT/checkpoints/step_00000000/   a training checkpoint (``train.checkpoint``'s format) with
+        dcp/ + manifest.json        the full weights in our names (fp32 unless --dtype), no
+                                    optimizer state
+        config.yaml                 a ``model:`` section with the ModelConfig fields
+        state.json                  {"step": 0, "converted_from": HF_DIR}
+        tokenizer/                  the HF tokenizer files
+    OUT/checkpoints/latest          "step_00000000"
 
 Use it with ``train.init_from=OUT`` for continued pretraining or SFT. Names and shapes are checked
 against config.json before anything is written; tensors stream one at a time into the output
-file (memory stays near the largest tensor). OUT is built in a temporary sibling folder and
+(each is read from its HF shard when the checkpoint writer reaches it: memory stays near the
+largest tensor). OUT is built in a temporary sibling folder and
 renamed into place; an existing OUT is replaced only with ``--force``.
 """
 
@@ -27,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -45,49 +46,12 @@ from model.hf import (
     read_hf_config,
 )
 from tools.convert_to_hf import prepare_output, publish
-from train.checkpoint import step_dir_name
+from train.checkpoint import MODEL_PREFIX, Chunk, Sharded, save_checkpoint, step_dir_name
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def write_safetensors_streaming(
-    path: Path,
-    entries: list[tuple[str, tuple[int, ...]]],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    dtype: torch.dtype,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write a safetensors file one tensor at a time (the header is known from the shapes).
-
-    ``entries`` lists (name, shape) in file order; ``tensors`` must yield the same names in the
-    same order. Each tensor is converted to ``dtype`` just before it is written.
-    """
-    item = torch.empty((), dtype=dtype).element_size()
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, shape in entries:
-        nbytes = item
-        for dim in shape:
-            nbytes *= dim
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
-    order = [name for name, _ in entries]
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for i, (name, tensor) in enumerate(tensors):
-            if i >= len(order) or name != order[i]:
-                raise RuntimeError(f"tensor stream out of order at {name!r}")
-            data = tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8)
-            f.write(data.numpy())  # buffer protocol: no extra copy
-
 
 def copy_tokenizer(hf_dir: Path, dest: Path) -> list[str]:
     """Copy the HF tokenizer files of ``hf_dir`` into ``dest``; returns the copied names."""
@@ -120,17 +84,23 @@ def convert_hf_dir(
 
     tmp = prepare_output(out, force)
     try:
-        ckpt = tmp / "checkpoints" / step_dir_name(step)
-        ckpt.mkdir(parents=True)
-        entries = [(from_hf_name(name), shape) for name, shape in expected.items()]
-        tensors = ((from_hf_name(name), t) for name, t in iter_hf_tensors(files, expected))
-        write_safetensors_streaming(ckpt / "model.safetensors", entries, tensors, DTYPES[dtype])
+        target = DTYPES[dtype]
+
+        def lazy(hf_name: str):  # read when the writer reaches it: one tensor in memory at a time
+            return lambda: next(iter_hf_tensors(files, [hf_name]))[1].to(target)
+
+        state = {
+            MODEL_PREFIX + from_hf_name(name): Sharded(tuple(shape), target, [Chunk((0,) * len(shape), tuple(shape), lazy(name))])
+            for name, shape in expected.items()
+        }
         config_yaml = OmegaConf.to_yaml(OmegaConf.create({"model": config.to_dict()}))
-        (ckpt / "config.yaml").write_text(config_yaml)
-        (ckpt / "state.json").write_text(json.dumps({"step": step, "converted_from": str(hf_dir.resolve())}, indent=1))
-        if not copy_tokenizer(hf_dir, ckpt / "tokenizer"):
+        staging = tmp / ".tokenizer"
+        has_tokenizer = bool(copy_tokenizer(hf_dir, staging))
+        if not has_tokenizer:
             print(f"warning: {hf_dir} has no tokenizer files; the checkpoint has no tokenizer/", file=sys.stderr)
-        (tmp / "checkpoints" / "latest").write_text(ckpt.name)
+        save_checkpoint(tmp, step, state=state, trainer_state={"converted_from": str(hf_dir.resolve())},
+                        config_yaml=config_yaml, tokenizer_dir=staging if has_tokenizer else None, keep_last=0, rng=False)
+        shutil.rmtree(staging, ignore_errors=True)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
@@ -78,29 +77,29 @@ class SamplerDefaults:
 
 # ----- tensor sources -----------------------------------------------------------------------------
 class CheckpointSource:
-    """Tensors of a single-process training checkpoint (``model.safetensors`` in our names)."""
+    """Tensors of a training checkpoint of any layout (``train.checkpoint``): each full tensor is
+    assembled from the chunks every rank wrote, one tensor at a time, every chunk's CRC-32
+    checked as it is read; a damaged checkpoint is refused with one line."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from train.checkpoint import read_model_config, resolve_checkpoint, tokenizer_dir_of
+        from train.checkpoint import checked_checkpoint, read_model_config, tokenizer_dir_of
 
-        self.ckpt = resolve_checkpoint(path)
-        self.weights = self.ckpt / "model.safetensors"
-        if not self.weights.is_file():
-            raise FileNotFoundError(f"checkpoint has no model.safetensors: {self.ckpt}")
+        self.ckpt = checked_checkpoint(path)
+        self.weights = self.ckpt
         self.config: ModelConfig = read_model_config(self.ckpt)
         self.tokenizer_dir: Path | None = tokenizer_dir_of(self.ckpt)
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        with safe_open(self.weights, framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        from train.checkpoint import stored_tensors
+
+        return {name: shape for name, (shape, _) in stored_tensors(self.ckpt).items()}
 
     def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(self.weights, framework="pt") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
+        from train.checkpoint import iter_model_tensors
+
+        yield from iter_model_tensors(self.ckpt, names)
 
 
-# ----- writing ------------------------------------------------------------------------------------
 def parse_size(text: str) -> int:
     """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ``"1000"`` -> 1000 bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())

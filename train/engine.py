@@ -149,6 +149,46 @@ class LocalEngine:
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    # ----- checkpoints (train.checkpoint) -----------------------------------------------------
+    def checkpoint_state(self, optimizer: bool = True) -> dict:
+        """This process's part of the checkpoint (``train.checkpoint``'s keys): every weight and
+        AdamW moment whole, as live views (a save reads them, a load writes into them; then
+        call :meth:`finish_checkpoint_load`)."""
+        from train.checkpoint import MODEL_PREFIX, OPTIM_PREFIX, OPTIM_STEP, whole
+
+        state: dict = {}
+        for name, p in self.model.named_parameters():
+            state[MODEL_PREFIX + name] = whole(p.data)
+        if optimizer:
+            self._ensure_optimizer_state()
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[f"{OPTIM_PREFIX}{name}/{key}"] = whole(self.optimizer.state[p][key])
+            steps = [int(st["step"]) for st in self.optimizer.state.values() if "step" in st]
+            state[OPTIM_STEP] = torch.tensor(max(steps, default=0), dtype=torch.int64)
+        return state
+
+    def finish_checkpoint_load(self, state: dict) -> None:
+        """After ``train.checkpoint.load_state`` filled :meth:`checkpoint_state`'s views: set the
+        AdamW step counters from the loaded ``optim/step``."""
+        from train.checkpoint import OPTIM_STEP
+
+        if OPTIM_STEP in state:
+            step = float(int(state[OPTIM_STEP]))
+            for st in self.optimizer.state.values():
+                st["step"] = torch.tensor(step, dtype=torch.float32)
+
+    def _ensure_optimizer_state(self) -> None:
+        """AdamW's state as its first step would create it (step 0, zero moments) where missing."""
+        for p in self.model.parameters():
+            if p.requires_grad and "step" not in self.optimizer.state.get(p, {}):
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
     # ----- layout-independent optimizer state (resharding) ------------------------------------
     def full_optimizer_state(self, only_rank0: bool = False) -> dict[str, torch.Tensor]:
         """AdamW state by parameter name, independent of any layout (``ParallelEngine`` writes

@@ -375,6 +375,91 @@ class ParallelEngine:
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
         self.engine.global_steps = step
 
+    # ----- checkpoints (train.checkpoint): this rank's chunks of the full tensors --------------
+    def _tp_base(self, p, local_shape) -> tuple[int, ...]:
+        """Offset of this rank's TP shard of ``p`` in the full tensor."""
+        base = [0] * len(local_shape)
+        if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
+            base[p.partition_dim] = self.tp_rank * local_shape[p.partition_dim]
+        return tuple(base)
+
+    def _fp32_pieces(self, p, moments: bool = True) -> tuple[int, tuple[int, ...], torch.Tensor | None, dict]:
+        """``(start, local shape, fp32 master view, {moment: view})`` of the part of ``p`` this
+        rank owns: a 1-D range starting at element ``start`` of the flattened TP shard under
+        ZeRO-1/2/3 and bf16 (DeepSpeed's fp32 partition), or the whole TP shard (ZeRO-0 fp32).
+        Views of the live tensors (``None`` when this rank owns no part of ``p``)."""
+        keys = ("exp_avg", "exp_avg_sq") if moments else ()
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened parameter
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+            size = p.partition_numel()
+            start = dist.get_rank(group=p.ds_process_group) * size
+            valid = max(0, min(size, p.ds_numel - start))
+            master = safe_get_local_fp32_param(p).narrow(0, 0, valid)
+            views = {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, valid) for k in keys}
+            return start, tuple(p.ds_shape), master, views
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and bf16: a fragment of the flattened shard
+            frag = p._hp_mapping
+            if frag is None:
+                return 0, tuple(p.shape), None, {}
+            views = {k: frag.get_optim_state_fragment(k) for k in keys} if frag.optim_fragment else {}
+            return frag.lp_fragment_address.start, tuple(p.shape), frag.get_hp_fragment(), views
+        st = self._base_optimizer().state.get(p, {})
+        return 0, tuple(p.shape), p.data.view(-1), {k: st[k].view(-1) for k in keys if k in st}
+
+    def checkpoint_state(self, optimizer: bool = True) -> dict:
+        """This rank's part of the checkpoint (``train.checkpoint``'s keys): for every parameter of
+        its stage, the chunks of the full fp32 weight and AdamW moments it owns, as views of the
+        live tensors (a save reads them; a load writes into them, then call
+        :meth:`finish_checkpoint_load`). DP replicas describe equal chunks (DCP writes one)."""
+        from train.checkpoint import MODEL_PREFIX, OPTIM_PREFIX, OPTIM_STEP, Sharded, fragment_chunks
+
+        if optimizer:
+            self._ensure_optimizer_state()
+        state: dict = {}
+        for layer in self.pm.layers:
+            for name, p in layer.full_named_parameters():
+                start, local_shape, master, moments = self._fp32_pieces(p, moments=optimizer)
+                base = self._tp_base(p, local_shape)
+                size = list(local_shape)
+                if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
+                    size[p.partition_dim] *= self.layout.tp
+                size = tuple(size)
+                pieces = {MODEL_PREFIX + name: master}
+                if optimizer:
+                    pieces.update({f"{OPTIM_PREFIX}{name}/{k}": moments.get(k) for k in ("exp_avg", "exp_avg_sq")})
+                for key, flat in pieces.items():
+                    chunks = [] if flat is None else fragment_chunks(flat, local_shape, start, base)
+                    state[key] = Sharded(size, torch.float32, chunks)
+        if optimizer:
+            steps = [int(st["step"]) for st in self._base_optimizer().state.values() if "step" in st]
+            step = torch.tensor(max(steps, default=0), dtype=torch.int64, device=self.device)
+            dist.all_reduce(step, op=dist.ReduceOp.MAX)
+            state[OPTIM_STEP] = step.cpu()
+        return state
+
+    def finish_checkpoint_load(self, state: dict) -> None:
+        """After ``train.checkpoint.load_state`` filled :meth:`checkpoint_state`'s views: bring
+        the working weights up to date from the fp32 masters (ZeRO-1/2/bf16: DeepSpeed's
+        ``update_lp_params``, an all-gather over DP; ZeRO-3: this rank's partition) and set every
+        AdamW step counter (and DeepSpeed's ``global_steps``) to the loaded ``optim/step``.
+        Collective under ZeRO-1/2 and bf16."""
+        from train.checkpoint import OPTIM_STEP
+
+        params = [p for layer in self.pm.layers for _, p in layer.full_named_parameters()]
+        with torch.no_grad():
+            if any(hasattr(p, "ds_id") for p in params):
+                for p in params:
+                    _, _, master, _ = self._fp32_pieces(p, moments=False)
+                    p.ds_tensor.data.view(-1).narrow(0, 0, master.numel()).copy_(master)
+            elif any(hasattr(p, "_hp_mapping") for p in params):
+                self.engine.optimizer.update_lp_params()
+        if OPTIM_STEP in state:
+            step = int(state[OPTIM_STEP])
+            for st in self._base_optimizer().state.values():
+                st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+            self.engine.global_steps = step
+
     # ----- DeepSpeed checkpoints (resume in the same layout) -----------------------------------
     def save(self, directory: str) -> None:
         """Save the engine (sharded model + optimizer state) to ``directory`` atomically (a

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,15 +43,18 @@ from model.objective import (
     t_bucket_sums,
 )
 from train.checkpoint import (
-    latest_checkpoint,
+    AsyncSave,
+    CheckpointError,
+    checked_checkpoint,
+    discard_checkpoints_after,
     list_checkpoints,
+    load_into_engine,
+    load_rng,
     load_training_state_json,
-    newest_valid_checkpoint,
-    load_model_weights,
-    load_training_state,
     read_model_config,
+    remove_stale_temporaries,
+    resume_candidates,
     save_checkpoint,
-    step_dir_name,
     verify_checkpoint,
 )
 from train.config import ConfigError, RunConfig, to_yaml
@@ -104,7 +105,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self._in_loop = False  # False during setup: SIGTERM/SIGINT then exit at once (nothing to save)
         self.preempted = False  # set when a stop signal ended the run (after its checkpoint)
-        self._save_thread: _SaveThread | None = None
+        self._save_thread: AsyncSave | None = None
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
@@ -134,6 +135,8 @@ class Trainer:
                 dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed, split="validation",
             )
         self.init_run_state()
+        if self.is_logging_rank:  # leftovers of a killed or failed save (no save is running yet)
+            remove_stale_temporaries(self.out_dir, log=tqdm.write)
         if t.resume:
             self._resume()
         elif t.init_from is not None:
@@ -210,14 +213,22 @@ class Trainer:
         def log(message: str) -> None:
             self.events.write("checkpoint_damaged", step=self.step, message=message, console=message)
 
-        ckpt = newest_valid_checkpoint(self.out_dir, log=log)
-        if ckpt is None:
-            if latest_checkpoint(self.out_dir) is not None:
-                raise ConfigError(f"resume: every checkpoint in {self.out_dir / 'checkpoints'} is damaged (see above)")
+        candidates = resume_candidates(self.out_dir)  # a broken `latest` with nothing left raises
+        if not candidates:
             if self.is_logging_rank:
                 tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
             return
-        self._restore(ckpt)
+        for ckpt in candidates:  # a damaged one is skipped (one line) for the next older one
+            problem = verify_checkpoint(ckpt)
+            if problem is None:
+                try:
+                    self._restore(ckpt)  # chunk CRCs are checked as they are read, on every rank
+                    break
+                except CheckpointError as e:  # raised on every rank alike
+                    problem = str(e)
+            log(f"resume: skipping damaged checkpoint {ckpt.name}: {problem}")
+        else:
+            raise ConfigError(f"resume: every checkpoint in {self.out_dir / 'checkpoints'} is damaged (see above)")
         if self.step > self.cfg.train.max_steps:
             raise ConfigError(
                 f"resume: {ckpt} is at step {self.step}, past train.max_steps={self.cfg.train.max_steps}; "
@@ -232,20 +243,22 @@ class Trainer:
         if saved != self.cfg.model:
             diff = [k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v]
             raise ConfigError(f"checkpoint {ckpt} was written for a different model (differs in: {', '.join(diff)})")
-        state = load_training_state(ckpt)
-        if state["optimizer"] is None:
+        trainer = load_training_state_json(ckpt)
+        try:
+            # weights and AdamW moments are stored as chunks of the full tensors under the model's
+            # parameter names; each rank reads its own chunks, so any layout resumes any other
+            load_into_engine(ckpt, self.engine)
+        except CheckpointError as e:
+            if "no optimizer state" not in str(e):
+                raise
             raise ConfigError(
                 f"checkpoint {ckpt} has no optimizer state (e.g. it was converted from HF); "
                 f"start from its weights with train.init_from={ckpt} instead of train.resume"
-            )
-        # weights and AdamW moments are stored unsharded under the model's parameter names, so a
-        # checkpoint of any layout resumes in any other layout
-        self.engine.load_model_state_dict(load_model_weights(ckpt)[1])
-        self.engine.load_full_optimizer_state(state["optimizer"])
-        self.loader.load_state_dict(state["trainer"]["loader"])
-        if state["rng"] is not None:
-            torch.set_rng_state(state["rng"]["torch"])
-        trainer = state["trainer"]
+            ) from None
+        self.loader.load_state_dict(trainer["loader"])
+        rng = load_rng(ckpt)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
         self.step = int(trainer["step"])
         self.data_step = int(trainer.get("data_step", self.step))
         self.skip_windows = [list(map(int, w)) for w in trainer.get("skip_windows", [])]
@@ -256,11 +269,12 @@ class Trainer:
         self.bad_streak, self.bad_streak_start = 0, None
 
     def _init_from(self, path: str) -> None:
-        cfg, weights = load_model_weights(path)
+        ckpt = checked_checkpoint(path)  # damaged: one line; chunk CRCs are checked as read
+        cfg = read_model_config(ckpt)
         if cfg != self.cfg.model:
             diff = [k for k, v in cfg.to_dict().items() if getattr(self.cfg.model, k) != v]
             raise ConfigError(f"train.init_from={path} holds a different model (differs in: {', '.join(diff)})")
-        self.engine.load_model_state_dict(weights)
+        load_into_engine(ckpt, self.engine, optimizer=False)
 
     # ----- one step ---------------------------------------------------------------------------
     def micro_batches(self, batch: dict, step: int, *, seed: int, length: int) -> tuple[list[MicroBatch], torch.Tensor]:
@@ -408,9 +422,7 @@ class Trainer:
         self.rollbacks_here += 1
         self.skip_windows = sorted(windows)
         if self.is_logging_rank:  # the abandoned timeline's checkpoints must not be resumed
-            for ckpt in list_checkpoints(self.out_dir):
-                if ckpt.name > target.name:
-                    shutil.rmtree(ckpt, ignore_errors=True)
+            discard_checkpoints_after(self.out_dir, target)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         # re-save the target with the new skip window (this also points `latest` at it), so a
@@ -460,33 +472,20 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (collective: every rank must call it).
 
-        The weights and the AdamW state are gathered into full, unsharded tensors named like the
-        single-device model's parameters, so the checkpoint resumes in any parallel layout."""
-        # gathered on the logging rank (global rank 0) only: no other rank holds the full state
-        model_state = self.engine.model_state_dict(only_rank0=True)
-        optimizer_state = self.engine.full_optimizer_state(only_rank0=True)
+        Every rank writes its own chunks of the weights and AdamW state (``train.checkpoint``), as
+        pieces of the full tensors named like the single-device model's parameters, so the
+        checkpoint resumes in any parallel layout."""
         self.wait_for_save()  # at most one checkpoint in flight
-        path = None
-        if self.is_logging_rank:
-            kwargs = dict(
-                model_state=model_state, optimizer_state=optimizer_state,
-                trainer_state=self._trainer_state(),
-                config_yaml=to_yaml(self.cfg), tokenizer_dir=self.loader.tokenizer_path,
-                keep_last=self.cfg.train.keep_last,
-            )
-            if self.cfg.train.async_save:
-                # snapshot the tensors (CPU copies may alias the live weights), then write in the
-                # background while training continues; `latest` moves only when the write is done
-                for key in ("model_state", "optimizer_state"):
-                    kwargs[key] = {k: v.detach().clone() for k, v in kwargs[key].items()}
-                self._save_thread = _SaveThread(self.out_dir, self.step, kwargs)
-                self._save_thread.start()
-                path = self.out_dir / "checkpoints" / step_dir_name(self.step)
-            else:
-                path = save_checkpoint(self.out_dir, self.step, **kwargs)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        return path
+        kwargs = dict(
+            trainer_state=self._trainer_state(), config_yaml=to_yaml(self.cfg),
+            tokenizer_dir=self.loader.tokenizer_path, keep_last=self.cfg.train.keep_last,
+        )
+        if self.cfg.train.async_save:
+            # blocking part: this rank's chunks are copied to CPU; the write runs in the background
+            # and `latest` moves only when every rank's part is written
+            self._save_thread = AsyncSave(self.out_dir, self.step, self.engine.checkpoint_state(), **kwargs)
+            return self._save_thread.path
+        return save_checkpoint(self.out_dir, self.step, state=self.engine.checkpoint_state(), **kwargs)
 
     def _trainer_state(self) -> dict:
         loader = self.loader.state_dict()
@@ -501,9 +500,7 @@ class Trainer:
         """Block until a background checkpoint write has finished; re-raise its error if any."""
         thread, self._save_thread = self._save_thread, None
         if thread is not None:
-            thread.join()
-            if thread.error is not None:
-                raise thread.error
+            thread.wait()
 
     def _on_signal(self, signum, _frame) -> None:
         """SIGUSR1 (a preemption warning), SIGTERM and SIGINT (Ctrl-C): finish the step, save, exit 0.
@@ -634,22 +631,6 @@ def likely_cause(error: str) -> str:
         "likely cause: another rank died or was killed (check the other ranks' logs and exit codes), or "
         "the ranks disagree on the layout/config"
     )
-
-
-class _SaveThread(threading.Thread):
-    """Writes one checkpoint in the background (``train.async_save``); keeps any error for
-    ``Trainer.wait_for_save`` to re-raise."""
-
-    def __init__(self, out_dir: Path, step: int, kwargs: dict) -> None:
-        super().__init__(name=f"save-step-{step}", daemon=False)
-        self.out_dir, self.step, self.kwargs = out_dir, step, kwargs
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            save_checkpoint(self.out_dir, self.step, **self.kwargs)
-        except BaseException as e:  # re-raised in the training thread
-            self.error = e
 
 
 def _plain_config(cfg: RunConfig) -> dict:

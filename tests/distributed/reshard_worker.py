@@ -5,8 +5,10 @@
 A case ``A-to-B[_nostate]`` names two layouts, each ``local`` (LocalEngine: TP1, PP1, DP1) or
 ``tp{T}_pp{P}_z{Z}`` (ParallelEngine; dp = world / (T·P)). Layout A trains K=2 steps; its full
 weights (``model_state_dict``) and full optimizer state (``full_optimizer_state``) are taken;
-A then goes on one more step (the uninterrupted run). Layout B is built from scratch (other
-initial weights), loads both and trains that same step. Reported: relative differences of the
+A is saved as a checkpoint (``train.checkpoint.save_checkpoint`` of ``checkpoint_state()``: every
+rank writes its own chunks) and then goes on one more step (the uninterrupted run). Layout B is
+built from scratch (other initial weights), loads the checkpoint
+(``train.checkpoint.load_into_engine``: every rank reads its own chunks) and trains that same step. Reported: relative differences of the
 step's loss and grad norm, the largest absolute weight difference after it (B vs uninterrupted
 A), and how far A's full optimizer state after K steps is from LocalEngine's (relative to the
 tensor's largest value). ``_nostate`` loads zero moments instead (a control: the weights must
@@ -26,6 +28,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
 
 from model.llada import build_model  # noqa: E402
 from parity_worker import G, MBS, OPT, SEED, finish, lr_at, rel, run_cases, split, step_batch, tiny_config  # noqa: E402
@@ -78,25 +81,45 @@ def state_distance(a: dict, b: dict) -> float:
     return worst
 
 
-def run_case(name: str, world: int, config, ref_state: dict) -> dict:
+def hf_logits_distance(ckpt, weights: dict, config, folder: str, name: str) -> float:
+    """Rank 0: ``tools.convert_to_hf`` of the multi-rank checkpoint (fp32), loaded back; the
+    largest logit difference from a model holding the training engine's gathered weights."""
+    if dist.get_rank() != 0:
+        return 0.0
+    from tools.convert_to_hf import convert_checkpoint
+    from tools.loading import load_for_inference, model_from_state_dict
+
+    hf = convert_checkpoint(ckpt, os.path.join(folder, name + "-hf"), dtype="fp32")
+    exported, _ = load_for_inference(hf, require_tokenizer=False)
+    trained = model_from_state_dict(config, weights)
+    ids = torch.randint(0, 125, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return float((exported(ids) - trained(ids)).abs().max())
+
+
+def run_case(name: str, world: int, config, ref_state: dict, folder: str) -> dict:
+    from train.checkpoint import load_into_engine, save_checkpoint
+
     m = re.fullmatch(r"(\w+?)-to-(\w+?)(_nostate)?", name)
     if not m:
         raise ValueError(f"bad case name {name}")
     a = Runner(m[1], config, world, SEED)
     for step in range(K):
         a.step(step, config)
-    # cloned: LocalEngine's CPU state dict aliases the live parameters
-    weights = {k: v.clone() for k, v in a.engine.model_state_dict().items()}
     opt = a.engine.full_optimizer_state()
     res = {"state": state_distance(opt, ref_state), "step_count": int(opt["::step"])}
+    ckpt = save_checkpoint(os.path.join(folder, name), K, state=a.engine.checkpoint_state(), trainer_state={},
+                           config_yaml=yaml.safe_dump({"model": config.to_dict()}), tokenizer_dir=None, rng=False)
+    res["hf_logits"] = hf_logits_distance(ckpt, a.engine.model_state_dict(), config, folder, name)
     want = a.step(K, config)
     want_weights = a.engine.model_state_dict()
     a.close()
     if m[3]:
         opt = {k: v if k == "::step" else torch.zeros_like(v) for k, v in opt.items()}
     b = Runner(m[2], config, world, OTHER_SEED)
-    b.engine.load_model_state_dict(weights)
-    b.engine.load_full_optimizer_state(opt)
+    load_into_engine(ckpt, b.engine)
+    if m[3]:
+        b.engine.load_full_optimizer_state(opt)
     got = b.step(K, config)
     got_weights = b.engine.model_state_dict()
     b.close()
@@ -120,11 +143,13 @@ def main() -> int:
     for step in range(K):
         ref.step(step, config)
     ref_state = ref.engine.full_optimizer_state()
-    merged = run_cases(cases, lambda case: run_case(case, world, config, ref_state))
+    folder = os.path.join(os.path.dirname(os.path.abspath(out_path)), "checkpoints")
+    merged = run_cases(cases, lambda case: run_case(case, world, config, ref_state, folder))
     if rank == 0:
         for case, per_rank in merged.items():
             if "error" not in per_rank:
-                merged[case] = {k: max(r[k] for r in per_rank) for k in ("loss", "norm", "weights", "state", "step_count")}
+                keys = ("loss", "norm", "weights", "state", "step_count", "hf_logits")
+                merged[case] = {k: max(r[k] for r in per_rank) for k in keys}
     return finish(out_path, merged)
 
 

@@ -1,9 +1,10 @@
 """Resharding on CPU/gloo: full weights + full optimizer state move between layouts exactly.
 
-Each case ``A-to-B`` trains 2 steps in layout A, takes ``model_state_dict()`` and
-``full_optimizer_state()``, builds layout B from other initial weights, loads both and takes
-step 3; that step's loss and grad norm (relative 1e-5) and the weights after it (absolute 1e-5)
-must equal layout A's uninterrupted third step. The ``_nostate`` control loads zero moments and
+Each case ``A-to-B`` trains 2 steps in layout A and saves a checkpoint (every rank writes its own
+chunks, ``train.checkpoint``), builds layout B from other initial weights, loads the checkpoint
+(every rank reads its own chunks) and takes step 3; that step's loss and grad norm (relative
+1e-5) and the weights after it (absolute 1e-5) must equal layout A's uninterrupted third step, and
+``tools.convert_to_hf`` of A's checkpoint must give the logits of A's model. The ``_nostate`` control loads zero moments and
 must NOT match (the weight check sees the optimizer state). ``local`` is LocalEngine (TP1 PP1
 DP1); ``tp{T}_pp{P}_z{Z}`` is ParallelEngine with dp = world / (T·P).
 """
@@ -49,6 +50,8 @@ def check(result: dict, case: str) -> None:
     for key in ("loss", "norm"):
         assert result[key] <= REL_TOL, f"{case}: relative {key} difference {result[key]:.3g} > {REL_TOL}"
     assert result["weights"] <= WEIGHT_TOL, f"{case}: weights differ by {result['weights']:.3g}"
+    # tools.convert_to_hf of layout A's multi-rank checkpoint computes the training model's logits
+    assert result["hf_logits"] <= 1e-6, f"{case}: HF export logits differ by {result['hf_logits']:.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_tp2_and_pp2_cli_runs_match_single_process(tmp_path, embedded_shards):
             # differences at 1e-5, this end-to-end check (lr 3e-3, 4 steps) allows them to compound
             assert loss == pytest.approx(ref_loss, rel=5e-5), (name, got, reference)
             assert norm == pytest.approx(ref_norm, rel=5e-5), (name, got, reference)
-        assert (out / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+        assert (out / "checkpoints" / "step_00000004" / "manifest.json").is_file()
 
 
 def stopped_copy(run_dir, dest, step: int):

@@ -86,3 +86,19 @@ def test_bad_arguments_fail_with_one_error_line(args):
     proc = run_module(["-m", "tools.bench", *args], check=False, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_bench_prints_rates_and_the_8b_projection():
+    out = bench("checkpoint", "--ranks", "1,2", "--d-model", "64", "--n-layers", "1", "--mlp-hidden-size", "128",
+                "--vocab-size", "256")
+    for n in (1, 2):
+        for op in ("save", "async_blocking", "async_total", "load"):
+            assert re.search(rf"^\s+{n}\s+{op}\s+{NUM}\s+{NUM}\s+{NUM}$", out, re.M), out
+    assert number(rf"save {NUM} s", out) > 0 and number(rf"resume {NUM} s", out) > 0
+
+
+def test_checkpoint_bench_bad_ranks_is_one_error_line():
+    proc = run_module(["-m", "tools.bench", "checkpoint", "--ranks", "0"], check=False, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --ranks"), proc.stderr

@@ -1,8 +1,8 @@
 """tools.convert_to_hf / tools.convert_from_hf: layout, round trips and errors.
 
-Checkpoints are built by hand in the documented layout (``save_file`` of a built model's state
-dict, ``config.yaml`` with a ``model:`` section, a tiny HF tokenizer), so these tests do not depend
-on the trainer.
+Checkpoints are written with ``train.checkpoint.save_checkpoint`` from a built model's state dict
+(``config.yaml`` with a ``model:`` section, a tiny HF tokenizer), so these tests do not depend on
+the trainer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from model.hf import INDEX_FILE, expected_hf_tensors
 from model.llada import build_model
 from tests.conftest import REPO, run_module, tiny_model_config
 from tools import convert_from_hf, convert_to_hf
-from train.checkpoint import load_model_weights
+from train.checkpoint import MODEL_PREFIX, load_model_weights, save_checkpoint, whole
 
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<unk>"]  # ids 0, 1, 2, 3
 
@@ -50,17 +50,12 @@ def make_checkpoint(
 ) -> Path:
     """A run folder ``run_dir/checkpoints/step_X/`` in train.checkpoint's layout. Returns run_dir."""
     config = config or tiny_model_config()
-    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-    ckpt.mkdir(parents=True)
     if state is None:
         state = build_model(config, seed=seed).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, ckpt / "model.safetensors", metadata={"format": "pt"})
     run_config = {"model": config.to_dict(), "train": {"seed": seed}}
-    (ckpt / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_config)))
-    (ckpt / "state.json").write_text(json.dumps({"step": step}))
-    if tokenizer:
-        make_tokenizer(ckpt / "tokenizer")
-    (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    tok = make_tokenizer(run_dir.parent / f"{run_dir.name}-tokenizer") if tokenizer else None
+    save_checkpoint(run_dir, step, state={MODEL_PREFIX + k: whole(v) for k, v in state.items()}, trainer_state={},
+                    config_yaml=OmegaConf.to_yaml(OmegaConf.create(run_config)), tokenizer_dir=tok)
     return run_dir
 
 

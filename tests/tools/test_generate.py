@@ -48,7 +48,7 @@ def train_tokenizer(out: Path, vocab_size: int = 300) -> Path:
 
 def make_tiny_run(root: Path, seed: int = 0) -> Path:
     """A run folder ``root/run`` holding checkpoints/step_00000001 (random tiny model) + tokenizer."""
-    from train.checkpoint import save_checkpoint
+    from train.checkpoint import MODEL_PREFIX, save_checkpoint, whole
 
     tok_dir = train_tokenizer(root / "tok")
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=64, vocab_size=304,
@@ -56,7 +56,8 @@ def make_tiny_run(root: Path, seed: int = 0) -> Path:
                       pad_token_id=1, bos_token_id=0)
     model = build_model(cfg, seed=seed)
     run = root / "run"
-    save_checkpoint(run, 1, model_state=model.state_dict(), optimizer_state=None, trainer_state={},
+    state = {MODEL_PREFIX + k: whole(v) for k, v in model.state_dict().items()}
+    save_checkpoint(run, 1, state=state, trainer_state={},
                     config_yaml=yaml.safe_dump({"model": cfg.to_dict()}), tokenizer_dir=tok_dir)
     return run
 

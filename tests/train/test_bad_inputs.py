@@ -44,7 +44,7 @@ def run(tmp_path_factory, embedded_shards) -> Path:
 def _damaged_copy(run: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "damaged"
     shutil.copytree(run, copy)
-    weights = next((copy / "checkpoints").glob("step_*/model.safetensors"))
+    weights = next((copy / "checkpoints").glob("step_*/dcp/__0_0.distcp"))
     weights.write_bytes(b"0123456789")
     return copy
 

@@ -13,29 +13,59 @@ import pytest
 import torch
 
 from tests.train.test_trainer import small_run
-from train.checkpoint import MANIFEST, list_checkpoints, load_model_weights, newest_valid_checkpoint, save_checkpoint, verify_checkpoint
+from train.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    list_checkpoints,
+    load_model_weights,
+    load_state,
+    newest_valid_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+    whole,
+)
 from train.engine import StepOutput
 from train.guards import GuardError
 
 
 def _tiny_checkpoint(out_dir, step):
-    return save_checkpoint(out_dir, step, model_state={"w": torch.arange(1000.0)}, optimizer_state={"x": torch.ones(3)},
-                           trainer_state={}, config_yaml="model: {}\n", tokenizer_dir=None, keep_last=0)
+    state = {"model/w": whole(torch.arange(1000.0)), "optim/w/exp_avg": whole(torch.ones(1000))}
+    return save_checkpoint(out_dir, step, state=state, trainer_state={}, config_yaml="model: {}\n", tokenizer_dir=None, keep_last=0)
+
+
+def _flip_byte(path, where=None):
+    data = bytearray(path.read_bytes())
+    where = len(data) // 2 if where is None else where
+    data[where] ^= 0x40
+    path.write_bytes(bytes(data))
 
 
 def test_manifest_detects_truncation_corruption_and_missing_files(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path, 1)
-    files = json.loads((ckpt / MANIFEST).read_text())["files"]
-    assert set(files) >= {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml"}
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    assert set(manifest["files"]) >= {"rng.pt", "state.json", "config.yaml", "dcp/.metadata", "dcp/checksums.json"}
+    assert set(manifest["data"]) == {"dcp/__0_0.distcp"}
     assert verify_checkpoint(ckpt) is None
-    weights = ckpt / "model.safetensors"
+    weights = ckpt / "dcp" / "__0_0.distcp"
     data = weights.read_bytes()
     weights.write_bytes(data[:-10])
-    assert "truncated" in verify_checkpoint(ckpt) and "model.safetensors" in verify_checkpoint(ckpt)
-    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
-    assert "corrupted" in verify_checkpoint(ckpt)
+    assert "truncated" in verify_checkpoint(ckpt) and "__0_0.distcp" in verify_checkpoint(ckpt)
+    weights.write_bytes(data)
+    _flip_byte(ckpt / "state.json", 3)
+    assert "corrupted" in verify_checkpoint(ckpt) and "state.json" in verify_checkpoint(ckpt)
+    _flip_byte(ckpt / "state.json", 3)
     weights.unlink()
     assert "missing" in verify_checkpoint(ckpt)
+
+
+def test_a_flipped_data_byte_is_caught_by_the_reader(tmp_path):
+    """Same size, one byte flipped in the tensor data: the reader's CRC-32 of that chunk fails."""
+    ckpt = _tiny_checkpoint(tmp_path, 1)
+    _flip_byte(ckpt / "dcp" / "__0_0.distcp")
+    assert verify_checkpoint(ckpt) is None  # sizes only: the data's CRCs are checked as it is read
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp fails its CRC-32 check") as err:
+        load_state(ckpt, {"model/w": whole(torch.zeros(1000)), "optim/w/exp_avg": whole(torch.zeros(1000))})
+    assert "\n" not in str(err.value)
 
 
 def test_newest_valid_checkpoint_falls_back_with_one_log_line(tmp_path):
@@ -44,28 +74,35 @@ def test_newest_valid_checkpoint_falls_back_with_one_log_line(tmp_path):
     lines = []
     assert newest_valid_checkpoint(tmp_path, log=lines.append) == newest
     assert lines == []
-    (newest / "optimizer.pt").write_bytes(b"")
+    (newest / "rng.pt").write_bytes(b"")
     assert newest_valid_checkpoint(tmp_path, log=lines.append).name == "step_00000001"
-    assert len(lines) == 1 and "step_00000002" in lines[0] and "optimizer.pt" in lines[0]
+    assert len(lines) == 1 and "step_00000002" in lines[0] and "rng.pt" in lines[0]
 
 
-def test_resume_skips_a_truncated_latest_checkpoint_and_reproduces_the_run(tmp_path, embedded_shards, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "no_manifest"])
+def test_resume_skips_a_damaged_latest_checkpoint_and_reproduces_the_run(tmp_path, embedded_shards, capsys, damage):
     common = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_last=5")
     full = small_run(tmp_path / "full", embedded_shards, *common).fit()
-    # a crashed run that saved steps 2 and 4, but step 4's weights were truncated afterwards
+    # a crashed run that saved steps 2 and 4, but step 4's weights were damaged afterwards
     crashed = tmp_path / "crashed" / "checkpoints"
     crashed.mkdir(parents=True)
     for step in (2, 4):
         name = f"step_{step:08d}"
         shutil.copytree(tmp_path / "full" / "checkpoints" / name, crashed / name)
     (crashed / "latest").write_text("step_00000004")
-    weights = crashed / "step_00000004" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    weights = crashed / "step_00000004" / "dcp" / "__0_0.distcp"
+    if damage == "flipped":  # same size: found by the reader's CRC-32, not by the manifest
+        _flip_byte(weights)
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if damage == "no_manifest":
+        (crashed / "step_00000004" / MANIFEST).unlink()
     capsys.readouterr()
     resumed = small_run(tmp_path / "crashed", embedded_shards, *common, "train.resume=true").fit()
     out = capsys.readouterr()
-    assert "skipping damaged checkpoint step_00000004" in out.out + out.err
-    assert "model.safetensors" in out.out + out.err
+    lines = [line for line in (out.out + out.err).splitlines() if "skipping damaged checkpoint" in line]
+    assert len(lines) == 1 and "step_00000004" in lines[0], out
+    assert ("manifest.json" if damage == "no_manifest" else "__0_0.distcp") in lines[0]
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
     for a, b in zip(full[2:], resumed):
         assert a["loss"] == b["loss"], (a, b)

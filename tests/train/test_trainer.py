@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights, save_checkpoint
+from train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_model_weights, save_checkpoint, whole
 from train.config import load_config
 from train.trainer import Trainer
 
@@ -54,7 +54,7 @@ def test_checkpoint_contents_and_metrics(tmp_path, embedded_shards):
     assert [p.name for p in kept] == ["step_00000002", "step_00000003"]
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.name == "step_00000003"
-    for name in ("model.safetensors", "optimizer.pt", "state.json", "rng.pt", "config.yaml", "tokenizer"):
+    for name in ("dcp/.metadata", "dcp/__0_0.distcp", "manifest.json", "state.json", "rng.pt", "config.yaml", "tokenizer"):
         assert (ckpt / name).exists(), name
     assert json.loads((ckpt / "state.json").read_text())["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -65,16 +65,13 @@ def test_checkpoint_contents_and_metrics(tmp_path, embedded_shards):
 
 
 def test_save_checkpoint_is_atomic_when_writing_fails(tmp_path):
-    state = {"w": torch.ones(2)}
-    save_checkpoint(tmp_path, 1, model_state=state, optimizer_state=None, trainer_state={}, config_yaml="model: {}\n", tokenizer_dir=None)
-
-    def broken(_tmp):
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, model_state=state, optimizer_state=None, trainer_state={}, config_yaml="", tokenizer_dir=None, extra_writer=broken)
+    state = {"model/w": whole(torch.ones(2))}
+    save_checkpoint(tmp_path, 1, state=state, trainer_state={}, config_yaml="model: {}\n", tokenizer_dir=None)
+    with pytest.raises(CheckpointError):  # the tokenizer folder is gone: the last file fails
+        save_checkpoint(tmp_path, 2, state=state, trainer_state={}, config_yaml="", tokenizer_dir=tmp_path / "gone")
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]  # no .tmp-
 
 
 def test_bf16_and_in_training_eval(tmp_path, embedded_shards):
@@ -116,8 +113,6 @@ def test_wandb_offline_is_the_default_and_writes_a_local_run(tmp_path, embedded_
 
 
 def test_async_save_writes_the_same_checkpoints(tmp_path, embedded_shards):
-    from safetensors.torch import load_file
-
     runs = {}
     for mode in ("false", "true"):
         out = tmp_path / f"async_{mode}"
@@ -127,9 +122,16 @@ def test_async_save_writes_the_same_checkpoints(tmp_path, embedded_shards):
     names = [p.name for p in list_checkpoints(runs["false"])]
     assert names == [p.name for p in list_checkpoints(runs["true"])] == ["step_00000001", "step_00000002", "step_00000003"]
     for name in names:
-        a = load_file(runs["false"] / "checkpoints" / name / "model.safetensors")
-        b = load_file(runs["true"] / "checkpoints" / name / "model.safetensors")
+        a = _all_tensors(runs["false"] / "checkpoints" / name)
+        b = _all_tensors(runs["true"] / "checkpoints" / name)
+        assert set(a) == set(b) and any(k.startswith("optim/") for k in a)
         assert all(torch.equal(a[k], b[k]) for k in a), name  # each snapshot is of its own step
-        oa = torch.load(runs["false"] / "checkpoints" / name / "optimizer.pt", weights_only=True)
-        ob = torch.load(runs["true"] / "checkpoints" / name / "optimizer.pt", weights_only=True)
-        assert all(torch.equal(oa[k], ob[k]) for k in oa), name
+
+
+def _all_tensors(ckpt) -> dict:
+    """Every stored tensor of a checkpoint, full (model/..., optim/...)."""
+    from train.checkpoint import load_state, stored_tensors
+
+    found = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in stored_tensors(ckpt, "").items()}
+    load_state(ckpt, {k: whole(v) if v.ndim else v for k, v in found.items()}, distributed=False)
+    return found
