@@ -72,6 +72,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def attention_kernel(backend: str, precision: str, device: torch.device) -> str:
+    """The attention kernel this run uses, as a log line; an explicit kernel that cannot run here
+    (e.g. ``flash`` without a working flash-attn) is a ConfigError (one line), not a fallback."""
+    from model.attention import resolve_backend
+
+    try:
+        return resolve_backend(backend, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    except ValueError as e:
+        raise ConfigError(f"train.attention_backend={backend}: {e}") from None
+
+
+def sequence_multiple(layout) -> int:
+    """What every step's sequence length must be a multiple of: TP under sequence parallelism
+    (megatron scatters the sequence over the TP ranks), else 1."""
+    return layout.tp if layout is not None and layout.sequence_parallel else 1
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -91,11 +108,18 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
         self.out_dir = Path(t.out_dir)
+        self.attention_kernel = attention_kernel(t.attention_backend, t.precision, self.device)  # fails fast
         self.engine = self._build_engine()
         self.dp_rank = getattr(self.engine, "dp_rank", 0)
         self.dp_size = getattr(self.engine, "dp_size", 1)
         self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)
         self.device = getattr(self.engine, "device", self.device)
+        self.length_multiple = sequence_multiple(getattr(self.engine, "layout", None))
+        if t.seq_len % self.length_multiple:
+            raise ConfigError(
+                f"train.seq_len ({t.seq_len}) must be a multiple of parallel.tp ({self.length_multiple}) "
+                "with parallel.sequence_parallel=true"
+            )
         if t.global_batch_size % (t.micro_batch_size * self.dp_size):
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -113,6 +137,8 @@ class Trainer:
                 dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed, split="validation",
             )
         self.init_run_state()
+        if self.is_logging_rank:
+            tqdm.write(f"attention: {self.attention_kernel}")
         if t.resume:
             self._resume()
         elif t.init_from is not None:
@@ -276,7 +302,7 @@ class Trainer:
         batch = self.loader.batch(data_step)
         if t.objective == "sft" and "prompt_lengths" not in batch:
             raise ConfigError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
-        length = t.seq_len if t.objective == "sft" else random_length(t.seed, data_step, t.seq_len, t.random_length_prob)
+        length = t.seq_len if t.objective == "sft" else random_length(t.seed, data_step, t.seq_len, t.random_length_prob, multiple_of=self.length_multiple)
         mbs, times = self.micro_batches(batch, data_step, seed=t.seed, length=length)
         lr = wsd_lr(
             step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
@@ -406,10 +432,10 @@ class Trainer:
             sums, counts = t_bucket_sums(times, per_sample / length, n)
         else:  # this rank holds no loss rows (e.g. a pipeline stage before the last)
             sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            both = torch.cat([sums, counts])
+        if dist.is_available() and dist.is_initialized():  # on the engine's device (NCCL serves no CPU tensors)
+            both = torch.cat([sums, counts]).to(self.device)
             dist.all_reduce(both)
-            sums, counts = both[:n], both[n:]
+            sums, counts = both[:n].cpu(), both[n:].cpu()
         return {
             f"loss_t{i}": (float(sums[i] / counts[i]) if counts[i] > 0 else float("nan"))
             for i in range(n)
@@ -426,6 +452,7 @@ class Trainer:
             rows = self.engine.eval_loss(mbs)
             total += torch.tensor([float(rows.sum()) / t.seq_len, float(rows.numel())], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
+            total = total.to(self.device)
             dist.all_reduce(total)
         return float(total[0] / total[1])
 
