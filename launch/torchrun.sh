@@ -11,13 +11,17 @@
 #   RDZV_ENDPOINT  RDZV_ID (difftron, or $SLURM_JOB_ID)  PYTHON (.venv/bin/python, else python3)
 #   LAUNCH_MODULE (train: the module every rank runs)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120: seconds torchrun waits after forwarding SIGTERM)
+#   IFNAME: the network interface between nodes (e.g. ib0, eth0); sets NCCL_SOCKET_IFNAME and
+#     GLOO_SOCKET_IFNAME (gloo carries the CPU-tensor collectives) unless they are set.
+#   NCCL_*, GLOO_*, CUDA_DEVICE_MAX_CONNECTIONS, OMP_NUM_THREADS pass through to every rank
+#     (the run sets CUDA_DEVICE_MAX_CONNECTIONS=1 itself when parallel.tp > 1).
 #
 # Signals: SIGUSR1 (the preemption warning, e.g. Slurm's --signal) is forwarded to the training
 # processes, which finish the step, save a checkpoint and exit 0; torchrun itself ignores it.
 # SIGTERM/SIGINT go to torchrun, which forwards them to the ranks.
 set -uo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then usage; [ $# -ge 1 ]; exit $?; fi
 CONFIG=$1; shift
 if [ ! -f "$CONFIG" ]; then echo "error: config file not found: $CONFIG" >&2; exit 2; fi
@@ -50,8 +54,12 @@ else
 fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ -n "${IFNAME:-}" ]; then
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$IFNAME} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$IFNAME}
+fi
+NETVARS=$(env | grep -E '^(NCCL_SOCKET_IFNAME|GLOO_SOCKET_IFNAME|NCCL_IB_HCA|CUDA_DEVICE_MAX_CONNECTIONS)=' | tr '\n' ' ')
 
-echo "torchrun.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE proc(s), $(hostname -s): ${LAUNCH_MODULE:-train} $CONFIG $*" >&2
+echo "torchrun.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE proc(s), $(hostname -s): ${LAUNCH_MODULE:-train} $CONFIG $*${NETVARS:+ [$NETVARS]}" >&2
 
 # torchrun runs in the background with SIGUSR1 ignored (an unhandled SIGUSR1 would kill it and,
 # under srun, the whole step); the ranks inherit "ignored" until the trainer installs its handler.

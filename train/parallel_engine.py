@@ -466,6 +466,20 @@ def init_distributed(use_cuda: bool, timeout_s: float | None = None) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False, **extra)
 
 
+def tp_overlap_environment() -> None:
+    """megatron's tensor-parallel layers overlap their all-gather / reduce-scatter with the GEMMs
+    only if CUDA runs kernels in launch order: ``CUDA_DEVICE_MAX_CONNECTIONS=1``, read when the CUDA
+    context is created. Set it (unless the user did) before this process creates one."""
+    if "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ:
+        return
+    if torch.cuda.is_initialized():
+        import warnings
+
+        warnings.warn("parallel.tp > 1: set CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA starts for TP overlap")
+        return
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+
+
 def build_parallel_engine(
     model_config: ModelConfig,
     parallel_config: ParallelConfig,
@@ -499,6 +513,8 @@ def build_parallel_engine(
             "(DeepSpeed's bf16 ZeRO-0 pipeline path is not supported here)"
         )
     use_cuda = torch.cuda.is_available()
+    if use_cuda and layout.tp > 1:
+        tp_overlap_environment()
     init_distributed(use_cuda, collective_timeout_s)
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
