@@ -166,7 +166,21 @@ class TransformerLayer(ParallelLayer):
         return attention(q, k, v, None, backend=self.attention_backend)
 
     def _swiglu(self, m: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.ff_proj(m)[0]) * self.up_proj(m)[0]
+        gate, up = self.ff_proj(m)[0], self.up_proj(m)[0]
+        if self._cheap_recompute():  # keep gate and up (not silu(gate) as well): -2·s·b·f/t bytes
+            return checkpoint(_silu_mul, gate, up, use_reentrant=False)
+        return _silu_mul(gate, up)
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        if self._cheap_recompute():  # keep the bf16 input, not RMSNorm's fp32 copies: -8·s·b·h/t bytes
+            return checkpoint(norm, x, use_reentrant=False)
+        return norm(x)
+
+    def _cheap_recompute(self) -> bool:
+        """Recompute the elementwise parts (RMSNorm, silu·up) in backward instead of keeping their
+        intermediates: the same ops run again, so the numbers are identical. Off under full
+        recomputation (nothing of the block is kept) and without autograd."""
+        return self.checkpointing != "full" and torch.is_grad_enabled()
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:  # [s, b, n·hd] -> [b, n, s, hd]
         s, b = t.shape[:2]
@@ -174,7 +188,7 @@ class TransformerLayer(ParallelLayer):
 
     def _block(self, x: torch.Tensor) -> torch.Tensor:
         selective = self.checkpointing == "selective" and torch.is_grad_enabled()
-        n = self.attn_norm(x)
+        n = self._norm(self.attn_norm, x)
         q = self._heads(self.q_proj(n)[0], self.heads)
         k = self._heads(self.k_proj(n)[0], self.kv_heads)
         v = self._heads(self.v_proj(n)[0], self.kv_heads)
@@ -187,9 +201,13 @@ class TransformerLayer(ParallelLayer):
         else:
             a = self._attention(q, k, v)
         h = x + self.attn_out(a.permute(2, 0, 1, 3).reshape(s, b, -1))[0]
-        m = self.ff_norm(h)
+        m = self._norm(self.ff_norm, h)
         g = checkpoint(self._swiglu, m, use_reentrant=False) if selective else self._swiglu(m)
         return h + self.ff_out(g)[0]
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class HeadLayer(ParallelLayer):
@@ -203,6 +221,8 @@ class HeadLayer(ParallelLayer):
         self.ff_out = _column(opts, opts.tp_config(), c.d_model, c.embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # keep the bf16 input, not RMSNorm's fp32 copies (same numbers)
+            return self.ff_out(checkpoint(self.ln_f, x, use_reentrant=False))[0]
         return self.ff_out(self.ln_f(x))[0]
 
 
