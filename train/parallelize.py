@@ -382,8 +382,11 @@ def deepspeed_config(layout: ParallelLayout, grad_clip: float, precision: str) -
         "wall_clock_breakdown": False,
     }
     if precision == "bf16" and layout.zero_stage == 1:
-        # BF16_Optimizer: bf16 weights, fp32 masters and fp32 gradient accumulation
+        # BF16_Optimizer: bf16 weights, fp32 masters and fp32 gradient accumulation; each bf16
+        # gradient is added to the fp32 buffer as soon as backward produces it and then freed
+        # (immediate_grad_update): 6 + 12/dp bytes per parameter instead of 8 + 12/dp
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["bf16"]["immediate_grad_update"] = True
     if layout.pp > 1:
         # activations are identical on TP peers (or sequence-sharded): send them whole
         config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}

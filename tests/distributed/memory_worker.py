@@ -7,7 +7,8 @@ A case is ``z{Z}_{fp32|bf16}[_pp{P}]`` (tp 1, dp = N / P). For each of two model
 builds the engine with ``build_parallel_engine``, trains one step, and at the veto point of the
 second step (gradients reduced, the AdamW update not yet applied: the peak of the model states)
 adds up the bytes of every distinct tensor storage alive in the process (found through the
-garbage collector: parameters, gradients, DeepSpeed's flat buffers and partitions, AdamW state).
+garbage collector: parameters, gradients, DeepSpeed's flat buffers and partitions, AdamW state),
+less what was alive before the engine was built.
 The slope between the two sizes, divided by the parameters this rank's stage holds, is the
 path's bytes per parameter; whatever does not grow with the model (buckets, the data) falls
 into the intercept. Rank 0 writes ``{case: {"bytes_per_param": max over ranks, ...}}``.
@@ -99,6 +100,7 @@ def measure(case: str, size: str, world: int) -> tuple[int, int, str]:
     m = re.fullmatch(r"z(\d)_(fp32|bf16)(?:_pp(\d))?", case)
     zero, precision, pp = int(m.group(1)), m.group(2), int(m.group(3) or 1)
     config = model_config(size)
+    before = live_tensor_bytes()  # what earlier cases left behind does not count
     engine = build_parallel_engine(
         config, ParallelConfig(pp=pp, zero_stage=zero), world_size=world, seed=0, lr=1e-3, weight_decay=0.1,
         betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, precision=precision, micro_batch_size=MBS, global_batch_size=G,
@@ -111,7 +113,7 @@ def measure(case: str, size: str, world: int) -> tuple[int, int, str]:
         engine.train_step(micro_batches(config, engine.dp_rank, engine.dp_size, 0), 1e-3)
         gate = MeasuringGate()
         engine.train_step(micro_batches(config, engine.dp_rank, engine.dp_size, 1), 1e-3, gate=gate)
-        return gate.bytes, params, type(engine.engine.optimizer).__name__
+        return gate.bytes - before, params, type(engine.engine.optimizer).__name__
     finally:
         engine.close()
         del engine
