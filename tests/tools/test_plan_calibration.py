@@ -144,3 +144,27 @@ def test_head_and_loss_match_the_planner(fake_tp_world, tp):
     measured = sum(mode.storages.values())
     predicted = plan.logits_bytes(s, B, cfg.embedding_size, tp)
     assert predicted == pytest.approx(measured, rel=TOLERANCE), (measured / (s * B * cfg.embedding_size / tp), tp)
+
+
+# ----- model states: DeepSpeed's paths on gloo -----------------------------------------------------
+TWO_RANK_PATHS = ["z0_fp32", "z1_fp32", "z0_bf16", "z1_bf16", "z2_bf16", "z3_bf16", "z1_bf16_pp2"]
+FOUR_RANK_PATHS = ["z1_fp32", "z1_bf16", "z2_bf16", "z3_bf16"]  # the 1/dp share, at dp 4
+
+
+def _check_paths(result: dict, world: int) -> None:
+    import re
+
+    for case, got in result.items():
+        assert "error" not in got, f"{case}: {got['error']}"
+        zero, precision, pp = re.fullmatch(r"z(\d)_(fp32|bf16)(?:_pp(\d))?", case).groups()
+        dp = world // int(pp or 1)
+        predicted = sum(plan.model_state_bytes(1.0, int(zero), dp, precision).values())
+        assert predicted == pytest.approx(got["bytes_per_param"], rel=TOLERANCE), (case, dp, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, paths", [(2, TWO_RANK_PATHS), (4, FOUR_RANK_PATHS)])
+def test_deepspeed_bytes_per_param_match_the_planner(tmp_path, world, paths):
+    from tests.distributed.test_parity import launch_worker
+
+    _check_paths(launch_worker("memory_worker.py", world, paths, tmp_path), world)
