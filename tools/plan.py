@@ -11,9 +11,9 @@ calibrated against a measurement of that engine (tests/tools/test_plan_calibrati
 - model states per parameter, by DeepSpeed path (:data:`STATE_BYTES`; measured on gloo at two model
   sizes and two data-parallel sizes): bf16 + ZeRO-1 is DeepSpeed's BF16_Optimizer with fp32
   gradient accumulation and ``immediate_grad_update``: 2 (bf16 weights) + 4 (fp32 gradient buffer)
-  + 12/dp (fp32 masters and AdamW moments); bf16 + ZeRO-2: 2 + 18/dp; bf16 + ZeRO-0 (DeepSpeed's
-  unfused fp16-style optimizer) 20. ZeRO-3 is not offered: at test sizes its parameter cache
-  (prefetch / live-parameter buffers) dominates, so it is not calibrated here.
+  + 12/dp (fp32 masters and AdamW moments); bf16 + ZeRO-2: 2 + 18/dp; bf16 + ZeRO-3: 20/dp;
+  bf16 + ZeRO-0 (DeepSpeed's unfused fp16-style optimizer): 20. ZeRO-2/3 accumulate gradients in
+  bf16 (ranked after the fp32-accumulating paths).
 - TP=t and PP=p split the parameters: a stage holds its blocks / t, plus the embedding (first
   stage) or the final norm and LM head (last stage), vocabulary-parallel over t.
 - activations of one block and micro-batch (:func:`block_activation_bytes`, bf16, FlashAttention
@@ -25,7 +25,8 @@ calibrated against a measurement of that engine (tests/tools/test_plan_calibrati
 - LM head and loss on the last stage: ``s·b·V/t × 10`` bytes at 100 % masked (bf16 logits, the
   fp32 copy of the masked logits, the fp32 shifted logits that become the softmax).
 - buffers: a fixed reserve (CUDA context, NCCL, allocator fragmentation; ``--reserve-gb``) plus
-  DeepSpeed's ZeRO-2 gradient bucket (``reduce_bucket_size`` elements, bf16).
+  DeepSpeed's ZeRO-2/3 gradient bucket (``reduce_bucket_size`` elements, bf16; measured as the
+  intercept) and, under ZeRO-3, two gathered layers of bf16 weights (not measured).
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ STATE_BYTES = {
     ("bf16", 0): {"weights": (6, 0), "gradients": (6, 0), "optimizer": (8, 0)},  # fp32 masters, fp32 grads
     ("bf16", 1): {"weights": (2, 0), "gradients": (4, 0), "optimizer": (0, 12)},  # BF16_Optimizer
     ("bf16", 2): {"weights": (2, 0), "gradients": (0, 6), "optimizer": (0, 12)},  # bf16 + fp32 grad partitions
+    ("bf16", 3): {"weights": (0, 2), "gradients": (0, 6), "optimizer": (0, 12)},
     ("fp32", 0): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (8, 0)},
-    ("fp32", 1): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (0, 12)},  # fp32 partition + moments
-    ("fp32", 2): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (0, 12)},
+    ("fp32", 1): {"weights": (4, 0), "gradients": (0, 8), "optimizer": (0, 12)},  # grads kept as partitions
+    ("fp32", 2): {"weights": (4, 0), "gradients": (0, 8), "optimizer": (0, 12)},
+    ("fp32", 3): {"weights": (0, 4), "gradients": (0, 8), "optimizer": (0, 12)},
 }
-ZERO2_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
+BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size (ZeRO-2/3 gradient bucket, bf16)
 LOGIT_BYTES = 10  # bf16 logits + fp32 copy of the masked logits + fp32 shifted logits/softmax
 CHECKPOINTING = ("none", "selective", "full")
 TIGHT_FRACTION = 0.9  # layouts above this share of GPU memory rank after the others
@@ -61,11 +64,11 @@ DEFAULT_GLOBAL_BATCH = 1280  # LLaDA's, used when CONFIG is a model-only YAML
 def model_state_bytes(num_params: float, zero_stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
     """Bytes per GPU of weights, gradients and optimizer states for ``num_params`` parameters held
     by a data-parallel group of ``dp`` ranks, for DeepSpeed's path at this ZeRO stage and precision
-    (:data:`STATE_BYTES`). bf16: ZeRO-0 20Ψ, ZeRO-1 6Ψ + 12Ψ/dp, ZeRO-2 2Ψ + 18Ψ/dp."""
+    (:data:`STATE_BYTES`). bf16: ZeRO-0 20Ψ, ZeRO-1 6Ψ + 12Ψ/dp, ZeRO-2 2Ψ + 18Ψ/dp, ZeRO-3 20Ψ/dp."""
     if dp < 1:
         raise ValueError(f"dp must be >= 1, got {dp}")
     if (precision, zero_stage) not in STATE_BYTES:
-        raise ValueError(f"no calibrated memory model for precision={precision}, zero_stage={zero_stage} (ZeRO 0-2)")
+        raise ValueError(f"no memory model for precision={precision}, zero_stage={zero_stage} (ZeRO 0-3, fp32/bf16)")
     return {part: (rep + shard / dp) * num_params for part, (rep, shard) in STATE_BYTES[(precision, zero_stage)].items()}
 
 
@@ -164,12 +167,14 @@ class Layout:
 
     def rank_key(self) -> tuple:
         """Layouts with headroom (<= 90 % of the GPU) first; among them fewer recomputed/idle FLOPs
-        first, then fp32 gradient accumulation (DeepSpeed's bf16 ZeRO-2 accumulates the
+        first, then fp32 gradient accumulation (DeepSpeed's bf16 ZeRO-2/3 accumulate the
         micro-batches' gradients in bf16), less model parallelism (TP before PP at equal degree),
-        micro-batches of at least 4096 tokens (large enough GEMMs), then less memory."""
-        bf16_accumulation = self.zero_stage == 2
+        less ZeRO communication (2 before 3), micro-batches of at least 4096 tokens (large enough
+        GEMMs), then less memory."""
+        bf16_accumulation = self.zero_stage >= 2
+        zero_comm = {0: 0, 1: 0, 2: 1, 3: 2}[self.zero_stage]
         return (self.tight, round(self.compute_overhead, 2), bf16_accumulation, self.tp * self.pp, self.pp,
-                -min(self.micro_batch * self.seq_len, 4096), self.total)
+                zero_comm, -min(self.micro_batch * self.seq_len, 4096), self.total)
 
 
 def layout_memory(
@@ -188,8 +193,10 @@ def layout_memory(
             acts += block_activation_bytes(cfg, seq_len, micro_batch, tp, "none")
         parts["activations"] = acts
         parts["logits"] = logits_bytes(seq_len, micro_batch, cfg.embedding_size, tp) if stage == pp - 1 else 0.0
-        bucket = ZERO2_BUCKET_ELEMENTS * 2 if zero_stage == 2 else 0.0
-        parts["buffers"] = reserve_bytes + bucket
+        bucket = BUCKET_ELEMENTS * 2 if zero_stage >= 2 else 0.0
+        # ZeRO-3 also gathers the bf16 weights of the layers it is computing (about two at a time)
+        gathered = 2 * 2 * (cfg.params_per_layer() / tp) if zero_stage == 3 else 0.0
+        parts["buffers"] = reserve_bytes + bucket + gathered
         total = sum(parts.values())
         if total > best_total:
             best_parts, best_total = parts, total
@@ -209,11 +216,10 @@ def tp_candidates(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> list[int]:
 
 def zero_candidates(pp: int, dp: int) -> tuple[int, ...]:
     """ZeRO stages worth listing: none without data parallelism (nothing to shard over); only 0
-    and 1 with a pipeline (DeepSpeed's pipeline engine cannot combine with ZeRO-2/3); ZeRO-3 is
-    not offered (its memory is not calibrated, see the module docstring)."""
+    and 1 with a pipeline (DeepSpeed's pipeline engine cannot combine with ZeRO-2/3)."""
     if dp == 1:
         return (0,)
-    return (0, 1) if pp > 1 else (0, 1, 2)
+    return (0, 1) if pp > 1 else (0, 1, 2, 3)
 
 
 def enumerate_layouts(
@@ -311,7 +317,7 @@ def describe_memory(cfg: ModelConfig, *, gpus: int, seq_len: int, micro_batch: i
         f"memory per GPU (GB = 1e9 bytes), data parallel over {gpus} GPU(s), TP=PP=1, bf16 (DeepSpeed's paths, measured):",
         "    ZeRO   weights  gradients  optimizer  total   bytes/param",
     ]
-    for z in (0, 1, 2):
+    for z in (0, 1, 2, 3):
         st = model_state_bytes(psi, z, gpus)
         lines.append(f"    {z}     {_gb(st['weights']):>8} {_gb(st['gradients']):>10} {_gb(st['optimizer']):>10} "
                      f"{_gb(sum(st.values())):>6}   {sum(st.values()) / psi:.2f}")
@@ -323,8 +329,8 @@ def describe_memory(cfg: ModelConfig, *, gpus: int, seq_len: int, micro_batch: i
                      + (" + one block's working set)" if mode == "full" else ")"))
     lines += [
         f"  LM head + loss         {_gb(logits_bytes(seq_len, micro_batch, cfg.embedding_size, 1)):>8} GB  (s·b·V × {LOGIT_BYTES} bytes)",
-        f"  buffers                {_gb(reserve_bytes):>8} GB  (CUDA context, NCCL, fragmentation; ZeRO-2 adds its "
-        f"{_gb(ZERO2_BUCKET_ELEMENTS * 2)} GB gradient bucket)",
+        f"  buffers                {_gb(reserve_bytes):>8} GB  (CUDA context, NCCL, fragmentation; ZeRO-2/3 add a "
+        f"{_gb(BUCKET_ELEMENTS * 2)} GB gradient bucket, ZeRO-3 {_gb(4 * cfg.params_per_layer())} GB of gathered layers)",
     ]
     return lines
 

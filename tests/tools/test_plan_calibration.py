@@ -147,7 +147,7 @@ def test_head_and_loss_match_the_planner(fake_tp_world, tp):
 
 
 # ----- model states: DeepSpeed's paths on gloo -----------------------------------------------------
-TWO_RANK_PATHS = ["z0_fp32", "z1_fp32", "z0_bf16", "z1_bf16", "z2_bf16", "z3_bf16", "z1_bf16_pp2"]
+TWO_RANK_PATHS = ["z0_fp32", "z1_fp32", "z3_fp32", "z0_bf16", "z1_bf16", "z2_bf16", "z3_bf16", "z1_bf16_pp2"]
 FOUR_RANK_PATHS = ["z1_fp32", "z1_bf16", "z2_bf16", "z3_bf16"]  # the 1/dp share, at dp 4
 
 
