@@ -11,6 +11,10 @@
 #   RDZV_ENDPOINT  RDZV_ID (difftron, or $SLURM_JOB_ID)  PYTHON (.venv/bin/python, else python3)
 #   LAUNCH_MODULE (train: the module every rank runs)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (120: seconds torchrun waits after forwarding SIGTERM)
+#   IFNAME: the network interface between nodes (e.g. ib0, eth0); sets NCCL_SOCKET_IFNAME and
+#     GLOO_SOCKET_IFNAME (gloo carries the CPU-tensor collectives) unless they are set.
+#   NCCL_*, GLOO_*, CUDA_DEVICE_MAX_CONNECTIONS, OMP_NUM_THREADS pass through to every rank
+#     (the run sets CUDA_DEVICE_MAX_CONNECTIONS=1 itself when parallel.tp > 1).
 #
 # Signals: SIGUSR1 (the preemption warning, e.g. Slurm's --signal), SIGTERM, SIGINT (Ctrl-C) and
 # SIGHUP (as SIGTERM) are forwarded to the training processes, which all finish the same step,
@@ -18,7 +22,7 @@
 # and reports a failure, as long as every local rank saved and stopped cleanly).
 set -uo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then usage; [ $# -ge 1 ]; exit $?; fi
 CONFIG=$1; shift
 if [ ! -f "$CONFIG" ]; then echo "error: config file not found: $CONFIG" >&2; exit 2; fi
@@ -51,8 +55,12 @@ else
 fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ -n "${IFNAME:-}" ]; then
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$IFNAME} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$IFNAME}
+fi
+NETVARS=$(env | grep -E '^(NCCL_SOCKET_IFNAME|GLOO_SOCKET_IFNAME|NCCL_IB_HCA|CUDA_DEVICE_MAX_CONNECTIONS)=' | tr '\n' ' ')
 
-echo "torchrun.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE proc(s), $(hostname -s): ${LAUNCH_MODULE:-train} $CONFIG $*" >&2
+echo "torchrun.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE proc(s), $(hostname -s): ${LAUNCH_MODULE:-train} $CONFIG $*${NETVARS:+ [$NETVARS]}" >&2
 
 # Each rank that stops cleanly on a signal (after saving) leaves a file here (train/__main__.py).
 STOP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/difftron-stop.XXXXXX") || exit 1

@@ -50,6 +50,55 @@ def flash_attn_func():
     return external_kernel("flash")
 
 
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return " " + version(distribution)
+    except PackageNotFoundError:
+        return ""
+
+
+def _kernel_line(backend: str) -> str:
+    module, name = EXTERNAL[backend]
+    dist = {"flash": "flash-attn", "fa3": "flash-attn-3", "fa4": "flash-attn-cute"}[backend]
+    return f"{backend} ({module}.{name}{_version(dist)})"
+
+
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernel that ``attention(q, k, v, None, backend)`` runs for ``device``/``dtype`` tensors,
+    as one line for the run log (what ``"auto"`` resolves to included). Raises ``ValueError``
+    (one line) when an explicitly chosen external kernel cannot run there: not installed, a
+    build that does not import, CPU tensors or fp32, so a run fails at start, not at step 1."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    device_type = torch.device(device).type
+    usable = device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if backend in EXTERNAL:
+        module = EXTERNAL[backend][0]
+        if external_kernel(backend) is None:
+            raise ValueError(
+                f"attention backend {backend!r} needs {module}, which is not installed or does not import "
+                "with this torch/CUDA; install it or use attention_backend=auto (SDPA)"
+            )
+        if not usable:
+            raise ValueError(
+                f"attention backend {backend!r} needs CUDA fp16/bf16 tensors, this run has {device_type} "
+                f"{str(dtype).removeprefix('torch.')}; use attention_backend=auto or sdpa"
+            )
+        return _kernel_line(backend)
+    if backend in SDPA_PINNED:
+        if device_type != "cuda":
+            raise ValueError(f"attention backend {backend!r} pins a CUDA kernel of SDPA; this run is on {device_type}")
+        return f"{backend} (torch SDPA restricted to its {backend.removeprefix('sdpa_')} kernel)"
+    if backend == "auto" and usable and flash_attn_func() is not None:
+        return "auto -> " + _kernel_line("flash")
+    if backend == "sdpa":
+        return "sdpa (torch scaled_dot_product_attention picks its kernel)"
+    how = "flash-attn not installed" if usable else f"{device_type} {str(dtype).removeprefix('torch.')}"
+    return f"auto -> sdpa (torch scaled_dot_product_attention picks its kernel; {how})"
+
+
 def external_applicable(q: torch.Tensor, key_padding_mask: torch.Tensor | None, backend: str = "flash") -> bool:
     return (
         key_padding_mask is None

@@ -187,6 +187,33 @@ class LLaDAModel(nn.Module):
         return self.transformer.ff_out(self.transformer.ln_f(x))
 
 
+def init_std_of(name: str, init_std: float, n_layers: int) -> float | None:
+    """The init standard deviation of parameter ``name`` (None for norm weights, which are 1)."""
+    if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+        return None
+    if ".attn_out." in name or (".blocks." in name and ".ff_out." in name):
+        return init_std / (2 * n_layers) ** 0.5
+    return init_std
+
+
+def init_tensor(
+    name: str, shape, seed: int, init_std: float, n_layers: int,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The full tensor of parameter ``name`` under the layout-independent init (see
+    :func:`init_weights`), drawn in fp32 by a generator of ``device``'s type seeded by
+    ``(seed, crc32(name))`` and cast to ``dtype``. On the CPU these are the reference numbers;
+    on a GPU the draw runs at the device's speed (other numbers than the CPU's, but the same
+    for every layout on that device type)."""
+    device = torch.device(device)
+    std = init_std_of(name, init_std, n_layers)
+    if std is None:
+        return torch.ones(shape, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    full = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std
+    return full.to(dtype)
+
+
 def init_weights(model: nn.Module, seed: int, init_std: float, n_layers: int) -> None:
     """Layout-independent initialization: each full tensor is drawn from a generator seeded by
     ``(seed, crc32(parameter name))``, so any later sharding of the same model starts from the
@@ -195,21 +222,15 @@ def init_weights(model: nn.Module, seed: int, init_std: float, n_layers: int) ->
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
-                p.fill_(1.0)
-                continue
-            std = init_std
-            if ".attn_out." in name or (".blocks." in name and ".ff_out." in name):
-                std = init_std / (2 * n_layers) ** 0.5
-            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            full = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
-            p.copy_(full.to(p.dtype))
+            p.copy_(init_tensor(name, p.shape, seed, init_std, n_layers, device=p.device, dtype=p.dtype))
 
 
 def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> LLaDAModel:
-    """Build and initialize a model; ``device="meta"`` builds shapes only (e.g. to count 8B)."""
-    with torch.device(device):
+    """Build and initialize a model; ``device="meta"`` builds shapes only (e.g. to count 8B).
+    The parameters are created without memory and materialized on ``device`` directly."""
+    with torch.device("meta"):
         model = LLaDAModel(config)
-    if str(device) != "meta":
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
         init_weights(model, seed, config.init_std, config.n_layers)
     return model

@@ -107,14 +107,21 @@ def draw_noise(
     return Noise(t=t, p_mask=time_from_uniform(t, eps), uniforms=uniforms)
 
 
-def random_length(seed: int, step: int, seq_len: int, probability: float) -> int:
+def random_length(seed: int, step: int, seq_len: int, probability: float, multiple_of: int = 1) -> int:
     """LLaDA's 1 % rule: with ``probability`` per step, the whole step trains on a prefix of a
-    length drawn uniformly from [1, seq_len]; otherwise on ``seq_len``. The same on every rank."""
+    length drawn uniformly from [1, seq_len]; otherwise on ``seq_len``. The same on every rank.
+
+    ``multiple_of``: round a drawn length down to a multiple of it (at least ``multiple_of``), so
+    every layout can run the step (sequence parallelism splits the sequence over the TP ranks:
+    ``multiple_of = tp``). The draw itself does not depend on it; 1 leaves lengths as drawn."""
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     if probability <= 0:
         return seq_len
     g = keyed_generator(seed, step, "length")
     if torch.rand((), generator=g).item() < probability:
-        return int(torch.randint(1, seq_len + 1, (), generator=g).item())
+        length = int(torch.randint(1, seq_len + 1, (), generator=g).item())
+        return min(seq_len, max(multiple_of, length - length % multiple_of))
     return seq_len
 
 

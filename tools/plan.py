@@ -5,21 +5,28 @@ prints the parameter counts and the model FLOPs per token (bidirectional attenti
 halving). With ``--gpus N`` it also prints the memory per GPU by part and a ranked list of
 TP/PP/DP/ZeRO/micro-batch/recompute layouts that fit in ``--gpu-mem-gb``.
 
-The memory model (all arithmetic in small pure functions below; GB = 1e9 bytes):
+The memory model (GB = 1e9 bytes) describes the engine ``train.parallelize`` configures, each term
+calibrated against a measurement of that engine (tests/tools/test_plan_calibration.py, within 10 %):
 
-- model states, mixed-precision AdamW (ZeRO paper): bf16 weights 2, bf16 gradients 2, fp32
-  master weights + momentum + variance 12 bytes per parameter = 16 Ψ; ZeRO-1 shards the 12,
-  ZeRO-2 also the gradients, ZeRO-3 also the weights, over the data-parallel ranks.
+- model states per parameter, by DeepSpeed path (:data:`STATE_BYTES`; measured on gloo at two model
+  sizes and two data-parallel sizes): bf16 + ZeRO-1 is DeepSpeed's BF16_Optimizer with fp32
+  gradient accumulation and ``immediate_grad_update``: 2 (bf16 weights) + 4 (fp32 gradient buffer)
+  + 12/dp (fp32 masters and AdamW moments); bf16 + ZeRO-2: 2 + 18/dp; bf16 + ZeRO-3: 20/dp;
+  bf16 + ZeRO-0 (DeepSpeed's unfused fp16-style optimizer): 20. ZeRO-2/3 accumulate gradients in
+  bf16 (ranked after the fp32-accumulating paths).
 - TP=t and PP=p split the parameters: a stage holds its blocks / t, plus the embedding (first
   stage) or the final norm and LM head (last stage), vocabulary-parallel over t.
-- activations (LLaDA block, FlashAttention, bf16; performance.md 5.2): ``34·s·b·h`` bytes per
-  layer and micro-batch without recomputation, ``2·s·b·h`` (the layer input) with full
-  recomputation plus one layer's ``34·s·b·h`` working set; divided by t (sequence parallelism is
-  assumed whenever TP > 1). With 1F1B, stage i holds ``min(p - i, m)`` micro-batches in flight.
-- LM-head logits on the last stage: ``s·b·V/t`` logits × 8 bytes (bf16 logits, their fp32 copy
-  for the loss, the bf16 logits gradient).
-- buffers: a fixed reserve (CUDA context, NCCL, allocator fragmentation; ``--reserve-gb``) plus,
-  under ZeRO-3, two gathered layers of bf16 weights.
+- activations of one block and micro-batch (:func:`block_activation_bytes`, bf16, FlashAttention
+  keeping q, k, v, out and an fp32 log-sum-exp; RMSNorm and silu·up recomputed in backward):
+  ``none`` 2sb(6h + 2kv + 3f) + 4sbH, ``selective`` 2sb(6h + 2kv + f), ``full`` 2sbh (the block
+  input), divided by t (sequence parallelism is assumed whenever TP > 1), plus the fp32 RoPE
+  tables. For LLaDA-8B: 34.3, 22.3 and 2 s·b·h. With 1F1B, stage i holds ``min(p - i, m)``
+  micro-batches in flight; full recomputation adds one block's working set.
+- LM head and loss on the last stage: ``s·b·V/t × 10`` bytes at 100 % masked (bf16 logits, the
+  fp32 copy of the masked logits, the fp32 shifted logits that become the softmax).
+- buffers: a fixed reserve (CUDA context, NCCL, allocator fragmentation; ``--reserve-gb``) plus
+  DeepSpeed's ZeRO-2/3 gradient bucket (``reduce_bucket_size`` elements, bf16; measured as the
+  intercept) and, under ZeRO-3, two gathered layers of bf16 weights (not measured).
 """
 
 from __future__ import annotations
@@ -34,34 +41,36 @@ from tools.plan_comm import Interconnect, describe_step_times, rank_by_step_time
 
 GB = 1e9
 GIB = 2**30
-# Mixed-precision AdamW bytes per parameter (ZeRO paper, K = 12).
-WEIGHT_BYTES = 2
-GRAD_BYTES = 2
-OPTIMIZER_BYTES = 12
-# Per-layer activation bytes in units of s·b·h (performance.md 5.2, LLaDA block + FlashAttention).
-ACT_SBH_NO_RECOMPUTE = 34
-ACT_SBH_FULL_RECOMPUTE = 2
-LOGIT_BYTES = 8  # bf16 logits + fp32 copy for the loss + bf16 logits gradient
+# Bytes per parameter held by each DeepSpeed path of train.parallelize, as (replicated, sharded
+# over the data-parallel ranks) per part; measured (tests/distributed/memory_worker.py).
+STATE_BYTES = {
+    # (precision, zero): {part: (replicated, sharded)}
+    ("bf16", 0): {"weights": (6, 0), "gradients": (6, 0), "optimizer": (8, 0)},  # fp32 masters, fp32 grads
+    ("bf16", 1): {"weights": (2, 0), "gradients": (4, 0), "optimizer": (0, 12)},  # BF16_Optimizer
+    ("bf16", 2): {"weights": (2, 0), "gradients": (0, 6), "optimizer": (0, 12)},  # bf16 + fp32 grad partitions
+    ("bf16", 3): {"weights": (0, 2), "gradients": (0, 6), "optimizer": (0, 12)},
+    ("fp32", 0): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (8, 0)},
+    ("fp32", 1): {"weights": (4, 0), "gradients": (0, 8), "optimizer": (0, 12)},  # grads kept as partitions
+    ("fp32", 2): {"weights": (4, 0), "gradients": (0, 8), "optimizer": (0, 12)},
+    ("fp32", 3): {"weights": (0, 4), "gradients": (0, 8), "optimizer": (0, 12)},
+}
+BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size (ZeRO-2/3 gradient bucket, bf16)
+LOGIT_BYTES = 10  # bf16 logits + fp32 copy of the masked logits + fp32 shifted logits/softmax
+CHECKPOINTING = ("none", "selective", "full")
 TIGHT_FRACTION = 0.9  # layouts above this share of GPU memory rank after the others
 DEFAULT_GLOBAL_BATCH = 1280  # LLaDA's, used when CONFIG is a model-only YAML
 
 
 # ----- pure arithmetic ----------------------------------------------------------------------------
-def model_state_bytes(num_params: float, zero_stage: int, dp: int) -> dict[str, float]:
-    """Bytes per GPU of weights, gradients and optimizer states for ``num_params`` parameters
-    held by a data-parallel group of ``dp`` ranks under ZeRO stage 0-3 (mixed-precision AdamW).
-
-    ZeRO-0: 16Ψ; ZeRO-1: 4Ψ + 12Ψ/dp; ZeRO-2: 2Ψ + 14Ψ/dp; ZeRO-3: 16Ψ/dp.
-    """
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
+def model_state_bytes(num_params: float, zero_stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
+    """Bytes per GPU of weights, gradients and optimizer states for ``num_params`` parameters held
+    by a data-parallel group of ``dp`` ranks, for DeepSpeed's path at this ZeRO stage and precision
+    (:data:`STATE_BYTES`). bf16: ZeRO-0 20Ψ, ZeRO-1 6Ψ + 12Ψ/dp, ZeRO-2 2Ψ + 18Ψ/dp, ZeRO-3 20Ψ/dp."""
     if dp < 1:
         raise ValueError(f"dp must be >= 1, got {dp}")
-    return {
-        "weights": WEIGHT_BYTES * num_params / (dp if zero_stage >= 3 else 1),
-        "gradients": GRAD_BYTES * num_params / (dp if zero_stage >= 2 else 1),
-        "optimizer": OPTIMIZER_BYTES * num_params / (dp if zero_stage >= 1 else 1),
-    }
+    if (precision, zero_stage) not in STATE_BYTES:
+        raise ValueError(f"no memory model for precision={precision}, zero_stage={zero_stage} (ZeRO 0-3, fp32/bf16)")
+    return {part: (rep + shard / dp) * num_params for part, (rep, shard) in STATE_BYTES[(precision, zero_stage)].items()}
 
 
 def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
@@ -82,23 +91,50 @@ def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
     return n
 
 
-def activation_bytes_per_layer(seq_len: int, micro_batch: int, d_model: int, tp: int, recompute: bool) -> float:
-    """Stored activations of one block for one micro-batch, bytes (bf16).
+def block_activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, tp: int, mode: str) -> float:
+    """Bytes one block keeps for backward for one micro-batch (bf16), by checkpointing mode.
 
-    ``34·s·b·h/t`` without recomputation, ``2·s·b·h/t`` (the block input) with full recomputation.
-    """
-    sbh = seq_len * micro_batch * d_model
-    return (ACT_SBH_FULL_RECOMPUTE if recompute else ACT_SBH_NO_RECOMPUTE) * sbh / tp
+    ``none``: the block input, both norm outputs, q, k, v, the attention output, the residual h,
+    the SwiGLU gate, up and product (2 bytes each) and the fp32 log-sum-exp; ``selective``: the
+    same without the attention internals and with only the SwiGLU product; ``full``: the block
+    input. All divided by ``tp`` (sequence parallelism); plus the fp32 RoPE cos/sin tables."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"checkpointing mode must be one of {CHECKPOINTING}, got {mode!r}")
+    s, b, h, kv, f = seq_len, micro_batch, cfg.d_model, cfg.kv_dim, cfg.mlp_hidden_size
+    rope = 2 * 4 * s * cfg.head_dim
+    if mode == "full":
+        return 2 * s * b * h / tp
+    if mode == "selective":
+        return 2 * s * b * (6 * h + 2 * kv + f) / tp + rope
+    return (2 * s * b * (6 * h + 2 * kv + 3 * f) + 4 * s * b * cfg.n_heads) / tp + rope
+
+
+def activation_bytes_per_layer(seq_len: int, micro_batch: int, d_model: int, tp: int, recompute: bool) -> float:
+    """LLaDA-shaped block (MHA, f = 3h) without/with full recomputation: ``block_activation_bytes``
+    of a model of width ``d_model``."""
+    cfg = ModelConfig(d_model=d_model, mlp_hidden_size=3 * d_model)
+    return block_activation_bytes(cfg, seq_len, micro_batch, tp, "full" if recompute else "none")
 
 
 def logits_bytes(seq_len: int, micro_batch: int, embedding_size: int, tp: int) -> float:
-    """LM-head logits memory for one micro-batch: ``s·b·V/t × 8`` bytes."""
+    """LM head + loss at 100 % masked: ``s·b·V/t × 10`` bytes."""
     return seq_len * micro_batch * embedding_size / tp * LOGIT_BYTES
 
 
 def pipeline_bubble(pp: int, num_micro_batches: int) -> float:
     """Idle fraction added by a 1F1B pipeline: ``(p - 1) / m`` (0 without pipelining)."""
     return (pp - 1) / num_micro_batches
+
+
+def recompute_overhead(cfg: ModelConfig, seq_len: int, mode: str) -> float:
+    """Extra FLOPs of recomputation over the model FLOPs: ``full`` one more forward (~1/3);
+    ``selective`` the attention core and the SwiGLU gate/up GEMMs once more."""
+    if mode == "none":
+        return 0.0
+    if mode == "full":
+        return 1 / 3
+    extra = cfg.n_layers * (4.0 * seq_len * cfg.d_model + 4.0 * cfg.d_model * cfg.mlp_hidden_size)
+    return extra / cfg.flops_per_token(seq_len)
 
 
 @dataclass
@@ -108,19 +144,22 @@ class Layout:
     dp: int
     zero_stage: int
     micro_batch: int
-    recompute: bool
+    checkpointing: str
     grad_accum: int  # micro-batches per optimizer step per data-parallel rank
     seq_len: int
     parts: dict  # bytes per GPU by part, on the most loaded stage
     total: float  # bytes per GPU, the most loaded stage
+    capacity: float = 0.0  # bytes per GPU available
+    recompute_cost: float = 0.0  # extra FLOPs of recomputation, as a fraction of the model FLOPs
+
+    @property
+    def recompute(self) -> bool:
+        return self.checkpointing == "full"
 
     @property
     def compute_overhead(self) -> float:
-        """Extra time over the ideal: 1/3 for full recomputation (one more forward), plus the
-        pipeline bubble."""
-        return (1 / 3 if self.recompute else 0.0) + pipeline_bubble(self.pp, self.grad_accum)
-
-    capacity: float = 0.0  # bytes per GPU available
+        """Extra time over the ideal: recomputation plus the pipeline bubble."""
+        return self.recompute_cost + pipeline_bubble(self.pp, self.grad_accum)
 
     @property
     def tight(self) -> bool:
@@ -128,32 +167,37 @@ class Layout:
         return self.total > TIGHT_FRACTION * self.capacity
 
     def rank_key(self) -> tuple:
-        """Layouts with headroom (<= 90 % of the GPU) first; among them fewer recomputed/idle FLOPs first, then less model parallelism (TP before PP at equal
-        degree), less ZeRO communication (0/1 < 2 < 3), micro-batches of at least 4096 tokens
-        (large enough GEMMs), then less memory (more headroom)."""
+        """Layouts with headroom (<= 90 % of the GPU) first; among them fewer recomputed/idle FLOPs
+        first, then fp32 gradient accumulation (DeepSpeed's bf16 ZeRO-2/3 accumulate the
+        micro-batches' gradients in bf16), less model parallelism (TP before PP at equal degree),
+        less ZeRO communication (2 before 3), micro-batches of at least 4096 tokens (large enough
+        GEMMs), then less memory."""
+        bf16_accumulation = self.zero_stage >= 2
         zero_comm = {0: 0, 1: 0, 2: 1, 3: 2}[self.zero_stage]
-        return (self.tight, round(self.compute_overhead, 2), self.tp * self.pp, self.pp, zero_comm,
-                -min(self.micro_batch * self.seq_len, 4096), self.total)
+        return (self.tight, round(self.compute_overhead, 2), bf16_accumulation, self.tp * self.pp, self.pp,
+                zero_comm, -min(self.micro_batch * self.seq_len, 4096), self.total)
 
 
 def layout_memory(
     cfg: ModelConfig, *, tp: int, pp: int, dp: int, zero_stage: int, seq_len: int,
-    micro_batch: int, grad_accum: int, recompute: bool, reserve_bytes: float,
+    micro_batch: int, grad_accum: int, checkpointing: str = "none", reserve_bytes: float,
+    precision: str = "bf16",
 ) -> tuple[dict, float]:
     """Memory per GPU by part on the most loaded pipeline stage: ``(parts, total)`` in bytes."""
     layers = cfg.n_layers // pp
     best_parts, best_total = None, -1.0
     for stage in range(pp):
-        parts = dict(model_state_bytes(stage_params(cfg, tp, pp, stage), zero_stage, dp))
+        parts = dict(model_state_bytes(stage_params(cfg, tp, pp, stage), zero_stage, dp, precision))
         in_flight = min(pp - stage, grad_accum)
-        per_layer = activation_bytes_per_layer(seq_len, micro_batch, cfg.d_model, tp, recompute)
-        acts = in_flight * layers * per_layer
-        if recompute:  # one block's full working set during its recomputation
-            acts += activation_bytes_per_layer(seq_len, micro_batch, cfg.d_model, tp, False)
+        acts = in_flight * layers * block_activation_bytes(cfg, seq_len, micro_batch, tp, checkpointing)
+        if checkpointing == "full":  # one block's full working set during its recomputation
+            acts += block_activation_bytes(cfg, seq_len, micro_batch, tp, "none")
         parts["activations"] = acts
         parts["logits"] = logits_bytes(seq_len, micro_batch, cfg.embedding_size, tp) if stage == pp - 1 else 0.0
-        gathered = 2 * WEIGHT_BYTES * (cfg.params_per_layer() / tp) if zero_stage == 3 else 0.0
-        parts["buffers"] = reserve_bytes + gathered
+        bucket = BUCKET_ELEMENTS * 2 if zero_stage >= 2 else 0.0
+        # ZeRO-3 also gathers the bf16 weights of the layers it is computing (about two at a time)
+        gathered = 2 * 2 * (cfg.params_per_layer() / tp) if zero_stage == 3 else 0.0
+        parts["buffers"] = reserve_bytes + bucket + gathered
         total = sum(parts.values())
         if total > best_total:
             best_parts, best_total = parts, total
@@ -184,27 +228,28 @@ def enumerate_layouts(
     gpus_per_node: int = 8, micro_batches: list[int] | None = None, reserve_bytes: float = 4 * GB,
 ) -> list[Layout]:
     """All layouts that fit in ``capacity_bytes`` per GPU, ranked best first (see
-    :meth:`Layout.rank_key`); for each (TP, PP, ZeRO, recompute) only the best micro-batch."""
+    :meth:`Layout.rank_key`); for each (TP, PP, ZeRO, checkpointing) only the best micro-batch."""
     found: dict[tuple, Layout] = {}
     for tp in tp_candidates(cfg, gpus, gpus_per_node):
         for pp in (p for p in range(1, cfg.n_layers + 1) if cfg.n_layers % p == 0 and gpus % (tp * p) == 0):
             dp = gpus // (tp * pp)
             mbs_options = micro_batches or [b for b in (1, 2, 4, 8, 16, 32) if b <= global_batch]
             for mbs in mbs_options:
-                if global_batch % (mbs * dp):
+                if global_batch % (mbs * dp) or (tp > 1 and seq_len % tp):
                     continue
                 accum = global_batch // (mbs * dp)
                 for zero in zero_candidates(pp, dp):
-                    for recompute in (False, True):
+                    for mode in CHECKPOINTING:
                         parts, total = layout_memory(
                             cfg, tp=tp, pp=pp, dp=dp, zero_stage=zero, seq_len=seq_len,
-                            micro_batch=mbs, grad_accum=accum, recompute=recompute,
+                            micro_batch=mbs, grad_accum=accum, checkpointing=mode,
                             reserve_bytes=reserve_bytes,
                         )
                         if total > capacity_bytes:
                             continue
-                        lay = Layout(tp, pp, dp, zero, mbs, recompute, accum, seq_len, parts, total, capacity_bytes)
-                        key = (tp, pp, zero, recompute)
+                        lay = Layout(tp, pp, dp, zero, mbs, mode, accum, seq_len, parts, total, capacity_bytes,
+                                     recompute_overhead(cfg, seq_len, mode))
+                        key = (tp, pp, zero, mode)
                         if key not in found or lay.rank_key() < found[key].rank_key():
                             found[key] = lay
     return sorted(found.values(), key=Layout.rank_key)
@@ -268,25 +313,25 @@ def describe_model(cfg: ModelConfig, seq_len: int) -> list[str]:
 
 def describe_memory(cfg: ModelConfig, *, gpus: int, seq_len: int, micro_batch: int, reserve_bytes: float) -> list[str]:
     psi = cfg.num_params()
+    sbh = seq_len * micro_batch * cfg.d_model
     lines = [
-        f"memory per GPU (GB = 1e9 bytes), data parallel over {gpus} GPU(s), TP=PP=1:",
-        f"  model states, mixed-precision AdamW ({WEIGHT_BYTES}+{GRAD_BYTES}+{OPTIMIZER_BYTES} bytes/param = "
-        f"{_gb(16 * psi)} GB unsharded):",
-        "    ZeRO   weights  gradients  optimizer  total",
+        f"memory per GPU (GB = 1e9 bytes), data parallel over {gpus} GPU(s), TP=PP=1, bf16 (DeepSpeed's paths, measured):",
+        "    ZeRO   weights  gradients  optimizer  total   bytes/param",
     ]
-    for z in range(4):
-        s = model_state_bytes(psi, z, gpus)
-        lines.append(f"    {z}     {_gb(s['weights']):>8} {_gb(s['gradients']):>10} {_gb(s['optimizer']):>10} {_gb(sum(s.values())):>6}")
-    no = cfg.n_layers * activation_bytes_per_layer(seq_len, micro_batch, cfg.d_model, 1, False)
-    full = cfg.n_layers * activation_bytes_per_layer(seq_len, micro_batch, cfg.d_model, 1, True)
-    full += activation_bytes_per_layer(seq_len, micro_batch, cfg.d_model, 1, False)
+    for z in (0, 1, 2, 3):
+        st = model_state_bytes(psi, z, gpus)
+        lines.append(f"    {z}     {_gb(st['weights']):>8} {_gb(st['gradients']):>10} {_gb(st['optimizer']):>10} "
+                     f"{_gb(sum(st.values())):>6}   {sum(st.values()) / psi:.2f}")
+    lines.append(f"  activations, seq_len {seq_len}, micro-batch {micro_batch} ({cfg.n_layers} blocks):")
+    for mode in CHECKPOINTING:
+        per = block_activation_bytes(cfg, seq_len, micro_batch, 1, mode)
+        total = cfg.n_layers * per + (block_activation_bytes(cfg, seq_len, micro_batch, 1, "none") if mode == "full" else 0)
+        lines.append(f"    {mode:<10} {_gb(total):>8} GB  ({per / sbh:.1f}·s·b·h per block"
+                     + (" + one block's working set)" if mode == "full" else ")"))
     lines += [
-        f"  activations, seq_len {seq_len}, micro-batch {micro_batch}:",
-        f"    no recomputation     {_gb(no):>8} GB  ({ACT_SBH_NO_RECOMPUTE}·s·b·h per layer)",
-        f"    full recomputation   {_gb(full):>8} GB  ({ACT_SBH_FULL_RECOMPUTE}·s·b·h per layer + one layer's working set)",
-        f"  LM-head logits         {_gb(logits_bytes(seq_len, micro_batch, cfg.embedding_size, 1)):>8} GB  (s·b·V × {LOGIT_BYTES} bytes)",
-        f"  buffers                {_gb(reserve_bytes):>8} GB  (CUDA context, NCCL, fragmentation; ZeRO-3 adds "
-        f"{_gb(2 * WEIGHT_BYTES * cfg.params_per_layer())} GB of gathered layers)",
+        f"  LM head + loss         {_gb(logits_bytes(seq_len, micro_batch, cfg.embedding_size, 1)):>8} GB  (s·b·V × {LOGIT_BYTES} bytes)",
+        f"  buffers                {_gb(reserve_bytes):>8} GB  (CUDA context, NCCL, fragmentation; ZeRO-2/3 add a "
+        f"{_gb(BUCKET_ELEMENTS * 2)} GB gradient bucket, ZeRO-3 {_gb(4 * cfg.params_per_layer())} GB of gathered layers)",
     ]
     return lines
 
@@ -294,19 +339,19 @@ def describe_memory(cfg: ModelConfig, *, gpus: int, seq_len: int, micro_batch: i
 def describe_layouts(layouts: list[Layout], *, gpus: int, capacity_bytes: float, top: int) -> list[str]:
     if not layouts:
         return [
-            f"no layout fits: every TP/PP/ZeRO/micro-batch/recompute combination on {gpus} GPU(s) needs more "
+            f"no layout fits: every TP/PP/ZeRO/micro-batch/checkpointing combination on {gpus} GPU(s) needs more "
             f"than {_gb(capacity_bytes)} GB per GPU. Use more GPUs, a shorter --seq-len, or more GPU memory."
         ]
     lines = [
         f"layouts that fit in {_gb(capacity_bytes)} GB per GPU, best first (TP>1 assumes "
         "parallel.sequence_parallel=true):",
-        "  rank  tp  pp   dp  zero  mbs  accum  recompute  overhead  weights  grads  optim  activ  logits  buffers  total GB",
+        "  rank  tp  pp   dp  zero  mbs  accum  checkpoint  overhead  weights  grads  optim  activ  logits  buffers  total GB",
     ]
     for i, lay in enumerate(layouts[:top], 1):
         p = lay.parts
         lines.append(
             f"  {i:>4} {lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero_stage:>5} {lay.micro_batch:>4} {lay.grad_accum:>6}"
-            f"  {'full' if lay.recompute else 'none':>9} {lay.compute_overhead * 100:>8.1f}%"
+            f"  {lay.checkpointing:>10} {lay.compute_overhead * 100:>8.1f}%"
             f" {_gb(p['weights']):>8} {_gb(p['gradients']):>6} {_gb(p['optimizer']):>6} {_gb(p['activations']):>6}"
             f" {_gb(p['logits']):>7} {_gb(p['buffers']):>8} {_gb(lay.total):>9}"
             + ("  (tight)" if lay.tight else "")
@@ -316,7 +361,7 @@ def describe_layouts(layouts: list[Layout], *, gpus: int, capacity_bytes: float,
     best = layouts[0]
     lines.append(
         f"  best layout as overrides: parallel.tp={best.tp} parallel.pp={best.pp} parallel.zero_stage={best.zero_stage} "
-        f"train.micro_batch_size={best.micro_batch} train.activation_checkpointing={'full' if best.recompute else 'none'}"
+        f"train.micro_batch_size={best.micro_batch} train.activation_checkpointing={best.checkpointing}"
         + (" parallel.sequence_parallel=true" if best.tp > 1 else "")
     )
     return lines

@@ -163,6 +163,9 @@ class ParallelLayout:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         extra = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60.0}
+        # no separate gloo groups: every group inherits the default group's device map
+        # (``cpu:gloo,cuda:nccl`` on GPUs), which already serves CPU tensors
+        extra["create_gloo_process_groups"] = False
         ps.initialize_model_parallel(
             tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp, **extra
         )

@@ -1,7 +1,7 @@
 """The parallel training engine: ``train.engine.LocalEngine``'s interface over a TP×PP×DP layout.
 
-``build_parallel_engine(...)`` initializes ``torch.distributed`` (nccl on GPU, gloo on CPU, via
-DeepSpeed), megatron-core's groups and the DeepSpeed engine, and returns a
+``build_parallel_engine(...)`` initializes ``torch.distributed`` (``cpu:gloo,cuda:nccl`` on GPU,
+gloo on CPU; see :func:`process_group_backend`), megatron-core's groups and the DeepSpeed engine, and returns a
 :class:`ParallelEngine`. Every rank of a step receives its data-parallel rank's micro-batches
 (all TP/PP peers of a DP rank get the same ones) and returns the same ``StepOutput.loss``
 (the global batch's loss) and ``grad_norm`` (global, before clipping).
@@ -518,9 +518,18 @@ def default_group_timeout(timeout_s: float | None):
             setattr(c10d, n, v)
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """The backend of every process group: on GPUs a device map, NCCL for CUDA tensors and gloo
+    for CPU tensors (a plain ``"nccl"`` group raises "No backend type associated with device type
+    cpu" on the first CPU-tensor collective, whoever issues it); gloo alone on CPU. Groups created
+    later without a backend (megatron's, DeepSpeed's) inherit the map from the default group."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_distributed(use_cuda: bool, timeout_s: float | None = None) -> None:
-    """Initialize ``torch.distributed`` from torchrun's environment (no-op if already done); a
-    plain single process (no ``RANK`` in the environment) becomes a world of one on localhost."""
+    """Initialize ``torch.distributed`` from torchrun's environment (no-op if already done) with
+    :func:`process_group_backend`; a plain single process (no ``RANK`` in the environment)
+    becomes a world of one on localhost. DeepSpeed's communication layer then wraps that group."""
     import deepspeed
 
     if not use_cuda:
@@ -534,11 +543,26 @@ def init_distributed(use_cuda: bool, timeout_s: float | None = None) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not dist.is_initialized():
-        from datetime import timedelta
+    from datetime import timedelta
 
-        extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False, **extra)
+    extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    if not dist.is_initialized():
+        dist.init_process_group(backend=process_group_backend(use_cuda), **extra)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False, **extra)
+
+
+def tp_overlap_environment() -> None:
+    """megatron's tensor-parallel layers overlap their all-gather / reduce-scatter with the GEMMs
+    only if CUDA runs kernels in launch order: ``CUDA_DEVICE_MAX_CONNECTIONS=1``, read when the CUDA
+    context is created. Set it (unless the user did) before this process creates one."""
+    if "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ:
+        return
+    if torch.cuda.is_initialized():
+        import warnings
+
+        warnings.warn("parallel.tp > 1: set CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA starts for TP overlap")
+        return
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
 
 
 def build_parallel_engine(
@@ -574,6 +598,8 @@ def build_parallel_engine(
             "(DeepSpeed's bf16 ZeRO-0 pipeline path is not supported here)"
         )
     use_cuda = torch.cuda.is_available()
+    if use_cuda and layout.tp > 1:
+        tp_overlap_environment()
     init_distributed(use_cuda, collective_timeout_s)
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -18,7 +18,9 @@ its layers are rebuilt as a flat list ``[embedding, block_0 .. block_{L-1}, head
 Every layer knows its single-device name prefix, so each parameter maps to one LLaDA name
 (``transformer.blocks.3.q_proj.weight``) and its shard is cut from the full tensor along
 ``partition_dim``. The full tensors come from a built ``LLaDAModel`` or are drawn exactly as
-``model.llada.init_weights`` draws them (seeded by ``(seed, crc32(name))``), one at a time.
+``model.llada.init_weights`` draws them (seeded by ``(seed, crc32(name))``), one at a time, on the
+target device; the layers themselves are built on the meta device and allocated there once, in
+the training dtype.
 
 Pipeline parallelism uses DeepSpeed's ``PipelineModule`` (1F1B) with a topology that mirrors
 megatron's rank order; PP=1 uses a plain ``DeepSpeedEngine`` with megatron's groups given through
@@ -39,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import attention
 from model.config import ModelConfig
-from model.llada import CHECKPOINTING_MODES, LLaDAModel, RMSNorm, apply_rope, init_weights, rope_tables
+from model.llada import CHECKPOINTING_MODES, LLaDAModel, RMSNorm, apply_rope, init_tensor, rope_tables
 from train.deepspeed_compat import zero1_bf16_with_fp32_accumulation
 from train.layout import MegatronMPU, ParallelLayout
 
@@ -56,6 +58,7 @@ class LayerOptions:
     activation_checkpointing: str
     attention_backend: str
     use_cpu_initialization: bool
+    params_dtype: torch.dtype = torch.float32
 
     def tp_config(self):
         from megatron.core import ModelParallelConfig
@@ -65,7 +68,7 @@ class LayerOptions:
             sequence_parallel=self.sequence_parallel,
             use_cpu_initialization=self.use_cpu_initialization,
             perform_initialization=False,  # weights are copied in from the full tensors
-            params_dtype=torch.float32,
+            params_dtype=self.params_dtype,
             gradient_accumulation_fusion=False,
         )
 
@@ -164,7 +167,21 @@ class TransformerLayer(ParallelLayer):
         return attention(q, k, v, None, backend=self.attention_backend)
 
     def _swiglu(self, m: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.ff_proj(m)[0]) * self.up_proj(m)[0]
+        gate, up = self.ff_proj(m)[0], self.up_proj(m)[0]
+        if self._cheap_recompute():  # keep gate and up (not silu(gate) as well): -2·s·b·f/t bytes
+            return checkpoint(_silu_mul, gate, up, use_reentrant=False)
+        return _silu_mul(gate, up)
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        if self._cheap_recompute():  # keep the bf16 input, not RMSNorm's fp32 copies: -8·s·b·h/t bytes
+            return checkpoint(norm, x, use_reentrant=False)
+        return norm(x)
+
+    def _cheap_recompute(self) -> bool:
+        """Recompute the elementwise parts (RMSNorm, silu·up) in backward instead of keeping their
+        intermediates: the same ops run again, so the numbers are identical. Off under full
+        recomputation (nothing of the block is kept) and without autograd."""
+        return self.checkpointing != "full" and torch.is_grad_enabled()
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:  # [s, b, n·hd] -> [b, n, s, hd]
         s, b = t.shape[:2]
@@ -172,7 +189,7 @@ class TransformerLayer(ParallelLayer):
 
     def _block(self, x: torch.Tensor) -> torch.Tensor:
         selective = self.checkpointing == "selective" and torch.is_grad_enabled()
-        n = self.attn_norm(x)
+        n = self._norm(self.attn_norm, x)
         q = self._heads(self.q_proj(n)[0], self.heads)
         k = self._heads(self.k_proj(n)[0], self.kv_heads)
         v = self._heads(self.v_proj(n)[0], self.kv_heads)
@@ -185,9 +202,13 @@ class TransformerLayer(ParallelLayer):
         else:
             a = self._attention(q, k, v)
         h = x + self.attn_out(a.permute(2, 0, 1, 3).reshape(s, b, -1))[0]
-        m = self.ff_norm(h)
+        m = self._norm(self.ff_norm, h)
         g = checkpoint(self._swiglu, m, use_reentrant=False) if selective else self._swiglu(m)
         return h + self.ff_out(g)[0]
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class HeadLayer(ParallelLayer):
@@ -201,6 +222,8 @@ class HeadLayer(ParallelLayer):
         self.ff_out = _column(opts, opts.tp_config(), c.d_model, c.embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # keep the bf16 input, not RMSNorm's fp32 copies (same numbers)
+            return self.ff_out(checkpoint(self.ln_f, x, use_reentrant=False))[0]
         return self.ff_out(self.ln_f(x))[0]
 
 
@@ -264,24 +287,14 @@ class MaskedDiffusionLoss:
 
 
 # ----- full tensors and shards ------------------------------------------------------------------
-class _OneParameter(nn.Module):
-    """Lets ``init_weights`` draw one named tensor exactly as it does inside a full model."""
-
-    def __init__(self, name: str, shape: torch.Size) -> None:
-        super().__init__()
-        self._name, self._p = name, nn.Parameter(torch.empty(shape))
-
-    def named_parameters(self, *args, **kwargs):
-        yield self._name, self._p
-
-
-def drawn_full_tensor(config: ModelConfig, seed: int) -> Callable[[str, torch.Size], torch.Tensor]:
-    """``(name, full_shape) -> tensor`` drawn as ``build_model(config, seed)`` would draw it."""
+def drawn_full_tensor(
+    config: ModelConfig, seed: int, device: torch.device | str = "cpu"
+) -> Callable[[str, torch.Size], torch.Tensor]:
+    """``(name, full_shape) -> fp32 tensor on device`` drawn as ``build_model(config, seed,
+    device)`` would draw it (``model.llada.init_tensor``)."""
 
     def draw(name: str, shape: torch.Size) -> torch.Tensor:
-        one = _OneParameter(name, shape)
-        init_weights(one, seed, config.init_std, config.n_layers)
-        return one._p.detach()
+        return init_tensor(name, shape, seed, config.init_std, config.n_layers, device=device)
 
     return draw
 
@@ -344,6 +357,11 @@ def _pipeline_module(specs, loss, layout: ParallelLayout):
             self.parts = layout.stage_boundaries()
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+        def to(self, *args, **kwargs):
+            if any(p.is_meta for p in self.parameters()):
+                return self  # PipelineModule's __init__ moves the stage; parallelize allocates it itself
+            return super().to(*args, **kwargs)
 
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     coord = topology.get_coord(dist.get_rank())
@@ -408,6 +426,68 @@ def deepspeed_config(
     return config
 
 
+def build_stage(
+    source: LLaDAModel | ModelConfig,
+    layout: ParallelLayout,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    activation_checkpointing: str = "none",
+    attention_backend: str = "auto",
+    loss: MaskedDiffusionLoss | None = None,
+) -> tuple[nn.Module, list[ParallelLayer]]:
+    """This rank's module (a ``LayerStack``, or DeepSpeed's ``PipelineModule`` of its stage under
+    PP) and its layers, with the weights of ``source`` (a built model, or drawn as
+    ``build_model(config, seed, device)`` draws them) sliced to this TP rank, in ``dtype`` on
+    ``device``. The layers are created on the meta device, allocated once on ``device`` in the
+    training dtype and filled one full tensor at a time (drawn on ``device``): the host holds no
+    copy of the model, and no fp32 stage is moved to the GPU before DeepSpeed's bf16 cast."""
+    from deepspeed.pipe import LayerSpec
+    from megatron.core import parallel_state as ps
+
+    if isinstance(source, LLaDAModel):
+        config, state = source.config, source.state_dict()
+        full_tensor = lambda name, shape: state[name].to(device)  # noqa: E731
+    else:
+        config, full_tensor = source, drawn_full_tensor(source, seed, device)
+    opts = LayerOptions(
+        model=config,
+        tp=layout.tp,
+        sequence_parallel=layout.sequence_parallel,
+        activation_checkpointing=activation_checkpointing,
+        attention_backend=attention_backend,
+        use_cpu_initialization=True,  # megatron allocates with the default device: meta below
+        params_dtype=dtype,
+    )
+    specs = (
+        [LayerSpec(EmbeddingLayer, opts)]
+        + [LayerSpec(TransformerLayer, opts, i) for i in range(config.n_layers)]
+        + [LayerSpec(HeadLayer, opts)]
+    )
+    with torch.device("meta"):
+        if layout.pp > 1:
+            module = _pipeline_module(specs, loss or MaskedDiffusionLoss(), layout)
+            layers = [f for f in module.forward_funcs if isinstance(f, ParallelLayer)]
+        else:
+            layers = [spec.build() for spec in specs]
+            module = LayerStack(layers)
+    if dtype == torch.bfloat16:
+        module.bfloat16()  # still on the meta device: costs nothing
+    _materialize(module, device)
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for layer in layers:
+            for name, p in layer.full_named_parameters():
+                full = full_tensor(name, full_shape(p, layout.tp))
+                if tuple(full.shape) != tuple(full_shape(p, layout.tp)):
+                    raise ValueError(f"parameter {name}: source shape {tuple(full.shape)} does not match the model")
+                p.copy_(shard_of(full, p, layout.tp, tp_rank))
+                del full
+    return module, layers
+
+
 def parallelize(
     source: LLaDAModel | ModelConfig,
     layout: ParallelLayout,
@@ -430,8 +510,6 @@ def parallelize(
     ``torch.distributed`` and megatron's groups (``layout.initialize_process_groups()``).
     """
     import deepspeed
-    from deepspeed.pipe import LayerSpec
-    from megatron.core import parallel_state as ps
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if activation_checkpointing not in CHECKPOINTING_MODES:
@@ -441,43 +519,14 @@ def parallelize(
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16' for parallel runs, got {precision!r}")
     device = device or torch.device("cpu")
-    if isinstance(source, LLaDAModel):
-        config, state = source.config, source.state_dict()
-        full_tensor = lambda name, shape: state[name]  # noqa: E731
-    else:
-        config, full_tensor = source, drawn_full_tensor(source, seed)
-    opts = LayerOptions(
-        model=config,
-        tp=layout.tp,
-        sequence_parallel=layout.sequence_parallel,
-        activation_checkpointing=activation_checkpointing,
-        attention_backend=attention_backend,
-        use_cpu_initialization=True,
-    )
-    specs = (
-        [LayerSpec(EmbeddingLayer, opts)]
-        + [LayerSpec(TransformerLayer, opts, i) for i in range(config.n_layers)]
-        + [LayerSpec(HeadLayer, opts)]
-    )
     loss = MaskedDiffusionLoss()
-    if layout.pp > 1:
-        module = _pipeline_module(specs, loss, layout)
-        layers = [f for f in module.forward_funcs if isinstance(f, ParallelLayer)]
-    else:
-        layers = [spec.build() for spec in specs]
-        module = LayerStack(layers)
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    with torch.no_grad():
-        for layer in layers:
-            for name, p in layer.full_named_parameters():
-                full = full_tensor(name, full_shape(p, layout.tp))
-                if tuple(full.shape) != tuple(full_shape(p, layout.tp)):
-                    raise ValueError(f"parameter {name}: source shape {tuple(full.shape)} does not match the model")
-                p.copy_(shard_of(full, p, layout.tp, tp_rank))
+    module, layers = build_stage(
+        source, layout, seed=seed, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        activation_checkpointing=activation_checkpointing, attention_backend=attention_backend,
+        device=device, loss=loss,
+    )
     if layout.sequence_parallel:
         _reduce_norm_grads_over_tp(layers)
-    module.to(device)
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -496,6 +545,21 @@ def parallelize(
     if layout.zero_stage == 0 and precision == "fp32":
         _use_model_parallel_clipping(engine, params, grad_clip)
     return ParallelModel(engine=engine, layers=layers, loss=loss, layout=layout, device=device)
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device module's parameters and buffers on ``device`` (uninitialized), in
+    place of ``Module.to_empty``, which makes new Parameters and would drop the attributes that
+    megatron and ``_mark_partitioned`` set on them (``tensor_model_parallel``, ``partition_dim``)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                new = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                m._parameters[name] = new
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device=device)
 
 
 def _use_model_parallel_clipping(engine, params: list[nn.Parameter], grad_clip: float) -> None:

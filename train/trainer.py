@@ -75,18 +75,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_attention_backend(backend: str, device: torch.device, precision: str) -> None:
-    """A pinned attention kernel that cannot run here fails at start, not at the first step."""
-    from model.attention import EXTERNAL, external_kernel
+def attention_kernel(backend: str, precision: str, device: torch.device) -> str:
+    """The attention kernel this run uses, as a log line; an explicit kernel that cannot run here
+    (e.g. ``flash`` without a working flash-attn) is a ConfigError (one line), not a fallback."""
+    from model.attention import resolve_backend
 
-    if backend in EXTERNAL or backend in ("sdpa_cudnn", "sdpa_efficient"):  # sdpa_flash has a CPU kernel
-        if device.type != "cuda":
-            raise ConfigError(f"train.attention_backend={backend} needs a CUDA GPU (the device is {device.type}); use auto or sdpa")
-    if backend in EXTERNAL:
-        if external_kernel(backend) is None:
-            raise ConfigError(f"train.attention_backend={backend} needs {EXTERNAL[backend][0]} installed; use auto or sdpa")
-        if precision != "bf16":
-            raise ConfigError(f"train.attention_backend={backend} runs in bf16 only: set train.precision=bf16, or use auto or sdpa")
+    try:
+        return resolve_backend(backend, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    except ValueError as e:
+        raise ConfigError(f"train.attention_backend={backend}: {e}") from None
+
+
+def sequence_multiple(layout) -> int:
+    """What every step's sequence length must be a multiple of: TP under sequence parallelism
+    (megatron scatters the sequence over the TP ranks), else 1."""
+    return layout.tp if layout is not None and layout.sequence_parallel else 1
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -109,7 +112,7 @@ class Trainer:
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = resolve_device(t.device)
-        check_attention_backend(t.attention_backend, self.device, t.precision)
+        self.attention_kernel = attention_kernel(t.attention_backend, t.precision, self.device)  # fails fast
         self.out_dir = Path(t.out_dir)
         # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
         self._run_lock = RunLock(self.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
@@ -118,6 +121,12 @@ class Trainer:
         self.dp_size = getattr(self.engine, "dp_size", 1)
         self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)
         self.device = getattr(self.engine, "device", self.device)
+        self.length_multiple = sequence_multiple(getattr(self.engine, "layout", None))
+        if t.seq_len % self.length_multiple:
+            raise ConfigError(
+                f"train.seq_len ({t.seq_len}) must be a multiple of parallel.tp ({self.length_multiple}) "
+                "with parallel.sequence_parallel=true"
+            )
         if t.global_batch_size % (t.micro_batch_size * self.dp_size):
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -137,6 +146,8 @@ class Trainer:
         self.init_run_state()
         if self.is_logging_rank:  # leftovers of a killed or failed save (no save is running yet)
             remove_stale_temporaries(self.out_dir, log=tqdm.write)
+        if self.is_logging_rank:
+            tqdm.write(f"attention: {self.attention_kernel}")
         if t.resume:
             self._resume()
         elif t.init_from is not None:
@@ -316,8 +327,12 @@ class Trainer:
         batch = self.loader.batch(data_step)
         if t.objective == "sft" and "prompt_lengths" not in batch:
             raise ConfigError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
-        # SFT: every row EOS-padded to the global batch's longest example (LLaDA's rule per global batch)
-        length = int(batch["pad_length"]) if t.objective == "sft" else random_length(t.seed, data_step, t.seq_len, t.random_length_prob)
+        if t.objective == "sft":  # every row EOS-padded to the global batch's longest example (LLaDA's
+            # rule per global batch), rounded up to what sequence parallelism needs
+            m = self.length_multiple
+            length = min(t.seq_len, -(-int(batch["pad_length"]) // m) * m)
+        else:
+            length = random_length(t.seed, data_step, t.seq_len, t.random_length_prob, multiple_of=self.length_multiple)
         mbs, times = self.micro_batches(batch, data_step, seed=t.seed, length=length)
         lr = wsd_lr(
             step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
@@ -445,10 +460,10 @@ class Trainer:
             sums, counts = t_bucket_sums(times, per_sample / length, n)
         else:  # this rank holds no loss rows (e.g. a pipeline stage before the last)
             sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            both = torch.cat([sums, counts])
+        if dist.is_available() and dist.is_initialized():  # on the engine's device (NCCL serves no CPU tensors)
+            both = torch.cat([sums, counts]).to(self.device)
             dist.all_reduce(both)
-            sums, counts = both[:n], both[n:]
+            sums, counts = both[:n].cpu(), both[n:].cpu()
         return {
             f"loss_t{i}": (float(sums[i] / counts[i]) if counts[i] > 0 else float("nan"))
             for i in range(n)
@@ -465,6 +480,7 @@ class Trainer:
             rows = self.engine.eval_loss(mbs)
             total += torch.tensor([float(rows.sum()) / t.seq_len, float(rows.numel())], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
+            total = total.to(self.device)
             dist.all_reduce(total)
         return float(total[0] / total[1])
 

@@ -42,3 +42,24 @@ def test_planner_reads_recipe():
     out = run_module(["-m", "tools.plan", str(RECIPE), "--gpus", "64"]).stdout
     assert "8,015,581,184" in out and "global batch 1280 sequences of 4096 tokens" in out
     assert "parallel.tp=1 parallel.pp=1 parallel.zero_stage=1" in out
+
+
+@pytest.mark.parametrize("gpus, tp", [(8, 2), (64, 2), (512, 2), (2048, 8)])
+def test_recipe_layouts_fit_80gb_under_the_calibrated_planner(gpus, tp):
+    """The layouts the recipe documents (its defaults: TP2 + SP, ZeRO-1; TP8 at 2048 GPUs) fit an
+    80 GB H100 with the planner's calibrated memory model, and the planner lists them."""
+    from tools.plan import GB, GIB, enumerate_layouts, layout_memory
+    from train.config import load_config
+    from train.layout import ParallelLayout
+
+    cfg = load_config(RECIPE, [f"parallel.tp={tp}"], check_paths=False)
+    t, p = cfg.train, cfg.parallel
+    layout = ParallelLayout.from_config(p, gpus, cfg.model, t.micro_batch_size, t.global_batch_size)
+    assert p.sequence_parallel and t.seq_len % tp == 0
+    _, total = layout_memory(cfg.model, tp=layout.tp, pp=layout.pp, dp=layout.dp, zero_stage=layout.zero_stage,
+                             seq_len=t.seq_len, micro_batch=t.micro_batch_size, grad_accum=layout.grad_accum_steps,
+                             checkpointing=t.activation_checkpointing, reserve_bytes=4 * GB)
+    assert total < 0.9 * 80 * GIB
+    listed = enumerate_layouts(cfg.model, gpus=gpus, seq_len=t.seq_len, global_batch=t.global_batch_size,
+                               capacity_bytes=80 * GIB)
+    assert any((lay.tp, lay.pp, lay.zero_stage, lay.checkpointing) == (tp, 1, 1, "none") for lay in listed)

@@ -10,6 +10,7 @@ from tools.plan import (
     GB,
     GIB,
     activation_bytes_per_layer,
+    block_activation_bytes,
     enumerate_layouts,
     layout_memory,
     logits_bytes,
@@ -27,25 +28,22 @@ def total(states: dict) -> float:
     return sum(states.values())
 
 
-def test_mixed_precision_adam_is_16_bytes_per_param():
-    s = model_state_bytes(PSI, 0, 1)
-    assert s == {"weights": 2 * PSI, "gradients": 2 * PSI, "optimizer": 12 * PSI}
-    assert total(s) / GB == pytest.approx(128.25, abs=0.01)  # "≈ 128 GB before sharding"
-
-
-@pytest.mark.parametrize("dp, z1, z2, z3", [  # performance.md 5.1 table, GB
-    (1, 128.2, 128.2, 128.2), (2, 80.2, 72.1, 64.1), (4, 56.1, 44.1, 32.1), (8, 44.1, 30.1, 16.0), (16, 38.1, 23.0, 8.0),
-])
-def test_zero_stages_match_table(dp, z1, z2, z3):
-    for stage, expected in ((1, z1), (2, z2), (3, z3)):
-        assert total(model_state_bytes(PSI, stage, dp)) / GB == pytest.approx(expected, abs=0.06)
-    # ZeRO-3 over 8 GPUs: 16Ψ/8 = 2 bytes/param = 16.03 GB
-    assert total(model_state_bytes(PSI, 3, 8)) == 16 * PSI / 8
+def test_model_states_follow_deepspeeds_paths():
+    # bf16 ZeRO-1 = BF16_Optimizer with fp32 gradient accumulation and immediate_grad_update:
+    # 2 (bf16 weights) + 4 (fp32 gradient buffer) + 12/dp (fp32 masters, AdamW moments)
+    s = model_state_bytes(PSI, 1, 8)
+    assert s == {"weights": 2 * PSI, "gradients": 4 * PSI, "optimizer": 12 * PSI / 8}
+    assert total(model_state_bytes(PSI, 0, 8)) == 20 * PSI  # no sharding: fp32 masters and grads too
+    assert total(model_state_bytes(PSI, 2, 2)) == (2 + 18 / 2) * PSI
+    assert total(model_state_bytes(PSI, 3, 4)) == 20 * PSI / 4
+    assert total(model_state_bytes(PSI, 1, 2, precision="fp32")) == (4 + 20 / 2) * PSI
 
 
 def test_bad_zero_stage():
     with pytest.raises(ValueError, match="zero_stage"):
         model_state_bytes(PSI, 4, 8)
+    with pytest.raises(ValueError, match="zero_stage"):
+        model_state_bytes(PSI, 1, 8, precision="fp16")
 
 
 def test_stage_params_split():
@@ -63,15 +61,18 @@ def test_stage_params_split():
 
 
 def test_activation_arithmetic():
-    # performance.md 5.2: s=4096, b=1, h=4096 -> 1 sbh = 16.8 MB, 570 MB/layer, 18.3 GB for 32 layers
-    per_layer = activation_bytes_per_layer(4096, 1, 4096, 1, recompute=False)
-    assert per_layer == 34 * 4096 * 4096
-    assert 32 * per_layer / GB == pytest.approx(18.25, abs=0.01)
-    assert 32 * activation_bytes_per_layer(4096, 1, 4096, 1, recompute=True) / GB == pytest.approx(1.07, abs=0.01)
-    assert activation_bytes_per_layer(4096, 2, 4096, 4, recompute=False) == per_layer * 2 / 4
-    # logits: 4096 × 126464 × 8 bytes = 4.14 GB per sequence, halved by TP=2
-    assert logits_bytes(4096, 1, 126464, 1) == 4096 * 126464 * 8
-    assert logits_bytes(4096, 1, 126464, 2) == 4096 * 126464 * 4
+    cfg = ModelConfig()
+    sbh = 4096 * 4096  # s=4096, b=1, h=4096: 1 sbh = 16.8 MB
+    none = block_activation_bytes(cfg, 4096, 1, 1, "none")
+    assert none / sbh == pytest.approx(34.28, abs=0.01)  # 2(6h + 2kv + 3f)/h + lse + RoPE tables
+    assert block_activation_bytes(cfg, 4096, 1, 1, "selective") / sbh == pytest.approx(22.25, abs=0.01)
+    assert block_activation_bytes(cfg, 4096, 1, 1, "full") == 2 * sbh
+    assert block_activation_bytes(cfg, 4096, 1, 2, "full") == sbh  # sequence parallel
+    assert 32 * none / GB == pytest.approx(18.40, abs=0.01)
+    assert activation_bytes_per_layer(4096, 1, 4096, 1, recompute=False) == none
+    # head + loss: 4096 × 126464 × 10 bytes = 5.18 GB per sequence, halved by TP=2
+    assert logits_bytes(4096, 1, 126464, 1) == 4096 * 126464 * 10
+    assert logits_bytes(4096, 1, 126464, 2) == 4096 * 126464 * 5
 
 
 def test_pipeline_bubble():
@@ -82,22 +83,22 @@ def test_pipeline_bubble():
 def test_layout_memory_by_part_hand_numbers():
     cfg = ModelConfig()
     parts, tot = layout_memory(cfg, tp=1, pp=1, dp=8, zero_stage=1, seq_len=4096, micro_batch=1,
-                               grad_accum=160, recompute=False, reserve_bytes=4 * GB)
-    assert parts["weights"] == 2 * PSI and parts["gradients"] == 2 * PSI
+                               grad_accum=160, checkpointing="none", reserve_bytes=4 * GB)
+    assert parts["weights"] == 2 * PSI and parts["gradients"] == 4 * PSI
     assert parts["optimizer"] == 12 * PSI / 8
-    assert parts["activations"] == 32 * 34 * 4096 * 4096
-    assert parts["logits"] == 4096 * 126464 * 8
+    assert parts["activations"] == 32 * block_activation_bytes(cfg, 4096, 1, 1, "none")
+    assert parts["logits"] == 4096 * 126464 * 10
     assert parts["buffers"] == 4 * GB
     assert tot == sum(parts.values())
-    assert tot / GB == pytest.approx(70.5, abs=0.05)  # 44.1 states + 18.3 + 4.1 + 4.0
+    assert tot / GB == pytest.approx(87.7, abs=0.05)  # 60.1 states + 18.4 + 5.2 + 4.0: does not fit 80 GB
 
 
 def test_pipeline_first_stage_holds_p_microbatches():
     cfg = ModelConfig()
     parts, _ = layout_memory(cfg, tp=1, pp=4, dp=2, zero_stage=1, seq_len=4096, micro_batch=1,
-                             grad_accum=640, recompute=False, reserve_bytes=0)
+                             grad_accum=640, checkpointing="none", reserve_bytes=0)
     # most loaded stage is the first: 4 micro-batches in flight × 8 layers = 32 layers' worth
-    assert parts["activations"] == 4 * 8 * 34 * 4096 * 4096
+    assert parts["activations"] == 4 * 8 * block_activation_bytes(cfg, 4096, 1, 1, "none")
     assert parts["logits"] == 0
 
 
@@ -120,8 +121,8 @@ def test_layouts_rules_and_ranking():
         assert not (lay.pp > 1 and lay.zero_stage > 1)  # DeepSpeed pipeline: ZeRO 0/1 only
         assert 1280 % (lay.micro_batch * lay.dp) == 0
         assert lay.total <= 80 * GIB
-    best = layouts[0]
-    assert (best.tp, best.pp, best.dp, best.zero_stage, best.recompute) == (1, 1, 8, 1, False)
+    best = layouts[0]  # TP1 ZeRO-1 needs 87.7 GB; TP2 + SP halves activations and the head
+    assert (best.tp, best.pp, best.dp, best.zero_stage, best.checkpointing) == (2, 1, 4, 1, "none")
     # 512 GPUs: DP=512 does not divide the global batch 1280 -> the best layout uses TP=2 (DP=256)
     big = enumerate_layouts(cfg, gpus=512, seq_len=4096, global_batch=1280, capacity_bytes=80 * GIB)
     assert big and all(lay.dp != 512 for lay in big)
@@ -141,8 +142,8 @@ def test_cli_8b_parameters_and_flops():
 
 def test_cli_layouts_and_none_fits():
     out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "8"]).stdout
-    assert "layouts that fit" in out and "parallel.tp=1 parallel.pp=1 parallel.zero_stage=1" in out
-    assert "128.2 GB unsharded" in out
+    assert "layouts that fit" in out and "parallel.tp=2 parallel.pp=1 parallel.zero_stage=1" in out
+    assert "7.50" in out  # bytes/param of bf16 ZeRO-1 at dp 8
     out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "1"]).stdout
     assert "no layout fits" in out
 

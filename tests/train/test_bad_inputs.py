@@ -119,7 +119,7 @@ ROWS = [
     (["eval.every=1", "eval.batches=0"], "config error: bad value for 'eval.batches': 0 (must be positive when eval.every > 0)", 2),
     (lambda run, shards, tmp: [f"data.sources=[{{path: {shards}, weight: .inf}}]"],
      "config error: bad value for 'data.sources[0].weight': inf (must be a finite number)", 2),
-    (["train.attention_backend=flash"], "config error: train.attention_backend=flash needs a CUDA GPU (the device is cpu); use auto or sdpa", 2),
+    (["train.attention_backend=flash"], "config error: train.attention_backend=flash: attention backend 'flash' needs flash_attn, which is not installed or does not import with this torch/CUDA; install it or use attention_backend=auto (SDPA)", 2),
     (lambda run, shards, tmp: [f"train.out_dir={_a_file(tmp)}"],
      re.compile(r"error: train\.out_dir \S+/a_file is an existing file, not a folder; choose another train\.out_dir"), 2),
     # issue 21: the shard folder's tokenizer and manifest (3, 12, 13)
