@@ -36,7 +36,7 @@ from data.sources import open_source
 STATE_FORMAT = "difftron-loader"
 STATE_VERSION = 1
 _FEISTEL_ROUNDS = 4
-_TABLE_LIMIT = 1 << 24  # sources with at most this many samples keep a permutation table per epoch
+_TABLE_LIMIT = 1 << 22  # sources with at most this many samples keep a permutation table per epoch (<= 16 MB)
 
 
 def permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
@@ -325,7 +325,9 @@ class Loader:
             return permute(positions, n, key)
         table = self._tables.get((k, epoch))
         if table is None:
-            table = permute(np.arange(n), n, key).astype(np.int32 if n < 2**31 else np.int64)
+            table = np.empty(n, dtype=np.int32)  # n <= _TABLE_LIMIT; built in pieces: no n-sized temporaries
+            for lo in range(0, n, 1 << 20):
+                table[lo:lo + (1 << 20)] = permute(np.arange(lo, min(n, lo + (1 << 20))), n, key)
             self._tables[(k, epoch)] = table
             if len(self._tables) > 2 * len(self.sources):
                 self._tables.popitem(last=False)
