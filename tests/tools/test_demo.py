@@ -85,7 +85,7 @@ def test_unigram_references_are_computed_on_the_evaluated_validation_tokens(demo
     assert summary["unigram_cross_entropy"] == pytest.approx(cross, rel=1e-9)
     assert summary["unigram_cross_entropy"] > summary["unigram_entropy"]  # the in-sample fit is the lower one
     assert f"on the same validation tokens: {cross:.3f}" in stdout
-    assert f"unigram entropy of the same validation tokens" in stdout and f"{entropy(val):.3f}" in stdout
+    assert "unigram entropy of the same validation tokens" in stdout and f"{entropy(val):.3f}" in stdout
 
 
 @pytest.mark.slow
