@@ -9,9 +9,11 @@ The memory model (GB = 1e9 bytes) describes the engine ``train.parallelize`` con
 calibrated against a measurement of that engine (tests/tools/test_plan_calibration.py, within 10 %):
 
 - model states per parameter, by DeepSpeed path (:data:`STATE_BYTES`; measured on gloo at two model
-  sizes and two data-parallel sizes): bf16 + ZeRO-1 is DeepSpeed's BF16_Optimizer with fp32
-  gradient accumulation and ``immediate_grad_update``: 2 (bf16 weights) + 4 (fp32 gradient buffer)
-  + 12/dp (fp32 masters and AdamW moments); bf16 + ZeRO-2: 2 + 18/dp; bf16 + ZeRO-3: 20/dp;
+  sizes and two data-parallel sizes): bf16 + ZeRO-1 is DeepSpeedZeroOptimizer with fp32
+  gradient accumulation (``train.deepspeed_compat``): 2 (bf16 weights) + 5 (the fp32 ``grad_accum``
+  of every parameter, alive over the accumulation micro-batches, and the bf16 gradients being
+  folded into it) + 12/dp (fp32 masters and AdamW moments), measured at the peak (after a
+  micro-batch's backward); bf16 + ZeRO-2: 2 + 18/dp; bf16 + ZeRO-3: 20/dp;
   bf16 + ZeRO-0 (DeepSpeed's unfused fp16-style optimizer): 20. ZeRO-2/3 accumulate gradients in
   bf16 (ranked after the fp32-accumulating paths).
 - TP=t and PP=p split the parameters: a stage holds its blocks / t, plus the embedding (first
@@ -46,7 +48,7 @@ GIB = 2**30
 STATE_BYTES = {
     # (precision, zero): {part: (replicated, sharded)}
     ("bf16", 0): {"weights": (6, 0), "gradients": (6, 0), "optimizer": (8, 0)},  # fp32 masters, fp32 grads
-    ("bf16", 1): {"weights": (2, 0), "gradients": (4, 0), "optimizer": (0, 12)},  # BF16_Optimizer
+    ("bf16", 1): {"weights": (2, 0), "gradients": (5, 0), "optimizer": (0, 12)},  # ZeRO-1, fp32 grad_accum
     ("bf16", 2): {"weights": (2, 0), "gradients": (0, 6), "optimizer": (0, 12)},  # bf16 + fp32 grad partitions
     ("bf16", 3): {"weights": (0, 2), "gradients": (0, 6), "optimizer": (0, 12)},
     ("fp32", 0): {"weights": (4, 0), "gradients": (4, 0), "optimizer": (8, 0)},
@@ -65,7 +67,7 @@ DEFAULT_GLOBAL_BATCH = 1280  # LLaDA's, used when CONFIG is a model-only YAML
 def model_state_bytes(num_params: float, zero_stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
     """Bytes per GPU of weights, gradients and optimizer states for ``num_params`` parameters held
     by a data-parallel group of ``dp`` ranks, for DeepSpeed's path at this ZeRO stage and precision
-    (:data:`STATE_BYTES`). bf16: ZeRO-0 20Ψ, ZeRO-1 6Ψ + 12Ψ/dp, ZeRO-2 2Ψ + 18Ψ/dp, ZeRO-3 20Ψ/dp."""
+    (:data:`STATE_BYTES`). bf16: ZeRO-0 20Ψ, ZeRO-1 7Ψ + 12Ψ/dp, ZeRO-2 2Ψ + 18Ψ/dp, ZeRO-3 20Ψ/dp."""
     if dp < 1:
         raise ValueError(f"dp must be >= 1, got {dp}")
     if (precision, zero_stage) not in STATE_BYTES:

@@ -5,8 +5,10 @@
 
 A case is ``z{Z}_{fp32|bf16}[_pp{P}]`` (tp 1, dp = N / P). For each of two model sizes the worker
 builds the engine with ``build_parallel_engine``, trains one step, and at the veto point of the
-second step (gradients reduced, the AdamW update not yet applied: the peak of the model states)
-adds up the bytes of every distinct tensor storage alive in the process (found through the
+second step (gradients reduced, the AdamW update not yet applied)
+and after each of its micro-batches (the largest of these is the peak of the model states: the
+gradients accumulated over micro-batches are alive then), adds up the bytes of every distinct
+tensor storage alive in the process (found through the
 garbage collector: parameters, gradients, DeepSpeed's flat buffers and partitions, AdamW state),
 less what was alive before the engine was built.
 The slope between the two sizes, divided by the parameters this rank's stage holds, is the
@@ -34,7 +36,7 @@ from model.config import ModelConfig  # noqa: E402
 from model.objective import draw_noise, forward_process  # noqa: E402
 from train.engine import MicroBatch  # noqa: E402
 
-G, L, MBS = 4, 16, 1
+G, L, MBS = 8, 16, 1  # gradient accumulation over >= 2 micro-batches at dp <= 4
 # matrices above DeepSpeed's ZeRO-3 persistence threshold (1e5 elements), so they are partitioned
 SIZES = {
     "small": dict(d_model=384, n_layers=2, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024),
@@ -111,9 +113,32 @@ def measure(case: str, size: str, world: int) -> tuple[int, int, str]:
             for layer in engine.pm.layers for _, p in layer.full_named_parameters()
         )
         engine.train_step(micro_batches(config, engine.dp_rank, engine.dp_size, 0), 1e-3)
+        # also after every micro-batch (without a pipeline): gradient accumulation buffers that the
+        # optimizer step frees (e.g. fp32 accumulation of bf16 gradients) peak there, not at the veto
+        after_micro_batch, ds_step = [0], engine.engine.step
+
+        def step(*args, **kwargs):
+            out = ds_step(*args, **kwargs)
+            after_micro_batch[0] = max(after_micro_batch[0], live_tensor_bytes())
+            return out
+
+        engine.engine.step = step
+        if pp > 1:  # the pipeline schedule steps once; sample after each micro-batch's backward
+            from deepspeed.runtime.pipe.schedule import BackwardPass
+
+            table = dict(type(engine.engine)._INSTRUCTION_MAP)
+            ds_backward = table[BackwardPass]
+
+            def backward(self, *args, **kwargs):
+                out = ds_backward(self, *args, **kwargs)
+                after_micro_batch[0] = max(after_micro_batch[0], live_tensor_bytes())
+                return out
+
+            table[BackwardPass] = backward
+            engine.engine._INSTRUCTION_MAP = table  # the instance's copy; the schedule looks it up there
         gate = MeasuringGate()
         engine.train_step(micro_batches(config, engine.dp_rank, engine.dp_size, 1), 1e-3, gate=gate)
-        return gate.bytes - before, params, type(engine.engine.optimizer).__name__
+        return max(gate.bytes, after_micro_batch[0]) - before, params, type(engine.engine.optimizer).__name__
     finally:
         engine.close()
         del engine

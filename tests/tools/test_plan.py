@@ -29,10 +29,10 @@ def total(states: dict) -> float:
 
 
 def test_model_states_follow_deepspeeds_paths():
-    # bf16 ZeRO-1 = BF16_Optimizer with fp32 gradient accumulation and immediate_grad_update:
-    # 2 (bf16 weights) + 4 (fp32 gradient buffer) + 12/dp (fp32 masters, AdamW moments)
+    # bf16 ZeRO-1 = DeepSpeedZeroOptimizer with fp32 gradient accumulation, at its peak:
+    # 2 (bf16 weights) + 5 (fp32 grad_accum + bf16 gradients) + 12/dp (fp32 masters, AdamW moments)
     s = model_state_bytes(PSI, 1, 8)
-    assert s == {"weights": 2 * PSI, "gradients": 4 * PSI, "optimizer": 12 * PSI / 8}
+    assert s == {"weights": 2 * PSI, "gradients": 5 * PSI, "optimizer": 12 * PSI / 8}
     assert total(model_state_bytes(PSI, 0, 8)) == 20 * PSI  # no sharding: fp32 masters and grads too
     assert total(model_state_bytes(PSI, 2, 2)) == (2 + 18 / 2) * PSI
     assert total(model_state_bytes(PSI, 3, 4)) == 20 * PSI / 4
