@@ -84,13 +84,13 @@ def test_layout_memory_by_part_hand_numbers():
     cfg = ModelConfig()
     parts, tot = layout_memory(cfg, tp=1, pp=1, dp=8, zero_stage=1, seq_len=4096, micro_batch=1,
                                grad_accum=160, checkpointing="none", reserve_bytes=4 * GB)
-    assert parts["weights"] == 2 * PSI and parts["gradients"] == 4 * PSI
+    assert parts["weights"] == 2 * PSI and parts["gradients"] == 5 * PSI
     assert parts["optimizer"] == 12 * PSI / 8
     assert parts["activations"] == 32 * block_activation_bytes(cfg, 4096, 1, 1, "none")
     assert parts["logits"] == 4096 * 126464 * 10
     assert parts["buffers"] == 4 * GB
     assert tot == sum(parts.values())
-    assert tot / GB == pytest.approx(87.7, abs=0.05)  # 60.1 states + 18.4 + 5.2 + 4.0: does not fit 80 GB
+    assert tot / GB == pytest.approx(95.7, abs=0.05)  # 68.1 states + 18.4 + 5.2 + 4.0: does not fit 80 GB
 
 
 def test_pipeline_first_stage_holds_p_microbatches():
@@ -142,8 +142,9 @@ def test_cli_8b_parameters_and_flops():
 
 def test_cli_layouts_and_none_fits():
     out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "8"]).stdout
-    assert "layouts that fit" in out and "parallel.tp=2 parallel.pp=1 parallel.zero_stage=1" in out
-    assert "7.50" in out  # bytes/param of bf16 ZeRO-1 at dp 8
+    # ranked by predicted step time (tools/plan_comm.py): TP1 PP2 hides its little traffic best
+    assert "layouts that fit" in out and "parallel.tp=1 parallel.pp=2 parallel.zero_stage=1" in out
+    assert "8.50" in out  # bytes/param of bf16 ZeRO-1 at dp 8 (7 + 12/8)
     out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "1"]).stdout
     assert "no layout fits" in out
 
