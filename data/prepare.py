@@ -268,7 +268,10 @@ def _ordered_results(batches: Iterator[tuple[int, list]], workers: int, tokenize
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # forkserver, not fork: a process that already runs threads (a data loader's downloader or
+    # checksum thread, pyarrow's allocator, a test runner) can leave a lock held in a forked child,
+    # which then waits forever; forkserver children start from a clean single-threaded server
+    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, sft, add_bos))
     try:
         pending: collections.deque = collections.deque()

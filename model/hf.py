@@ -335,9 +335,14 @@ def write_special_tokens_map(hf_dir: str | os.PathLike, mask_token_id: int | Non
     path = hf_dir / SPECIAL_TOKENS_MAP_FILE
     if path.exists() or not (hf_dir / "tokenizer_config.json").is_file():
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    # the tokenizer files alone: AutoTokenizer would read the export's config.json, whose auto_map
+    # names remote code, and ask on the terminal whether to run it
+    if (hf_dir / "tokenizer.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(hf_dir), local_files_only=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True, trust_remote_code=False)
     out: dict = {}
     for key in SPECIAL_TOKEN_KEYS:
         value = getattr(tok, key, None)
