@@ -46,6 +46,7 @@ from train.checkpoint import (
     AsyncSave,
     CheckpointError,
     checked_checkpoint,
+    checkpoint_group,
     discard_checkpoints_after,
     list_checkpoints,
     load_into_engine,
@@ -117,6 +118,9 @@ class Trainer:
         # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
         self._run_lock = RunLock(self.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         self.engine = self._build_engine()
+        # every process group is made now: making one later needs the launcher's store, so ranks
+        # orphaned by a killed launcher would die at their first save instead of training on
+        checkpoint_group()
         self.dp_rank = getattr(self.engine, "dp_rank", 0)
         self.dp_size = getattr(self.engine, "dp_size", 1)
         self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)

@@ -116,7 +116,7 @@ def test_kill_9_of_the_launcher_leaves_ranks_running_and_a_relaunch_is_refused(t
         relaunch = subprocess.run(_cmd(out, embedded_shards, "train.resume=true"), cwd=REPO, env=_env(),
                                   capture_output=True, text=True, timeout=900)
         assert max(_losses(out)) > before, "the orphaned ranks should still be training"
-        assert relaunch.returncode != 0
+        assert relaunch.returncode != 0, relaunch.stderr[-3000:]
         refusal = [line for line in relaunch.stderr.splitlines() if "is in use by another run" in line]
         assert refusal and f"train.out_dir {out} is in use by another run (pid " in refusal[0], relaunch.stderr[-3000:]
         assert any(f"pid {pid} " in refusal[0] for pid in ranks), (refusal, ranks)  # names the holder: rank 0

@@ -79,6 +79,22 @@ def bench_loader(shards: str, seq_len: int, global_batch: int, steps: int) -> tu
 
 # ----- the loader at 2T-token scale: synthetic shard sets, start-up and memory ----------------------
 
+def write_synthetic_tokenizer(folder: Path, eos_id: int, size: int = 256) -> str:
+    """A word-level tokenizer (``t0`` ... ``t255``) saved in ``folder``, as every shard directory
+    carries its tokenizer; the same for every synthetic set whatever its ``vocab_size``, so synthetic
+    sets mix (nothing decodes their ids). Returns its fingerprint for the manifest."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from data.shards import tokenizer_fingerprint
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos_id}")
+    fast.save_pretrained(str(folder))
+    return tokenizer_fingerprint(fast)
+
+
 def write_shard_dir(
     root, doc_lengths: list[np.ndarray], *, vocab_size: int = 1000, seed: int = 0, kind: str = "pretrain",
     eos_id: int = 1, sparse: bool = False, prompt_lengths: list[np.ndarray] | None = None,
@@ -124,7 +140,8 @@ def write_shard_dir(
     manifest = {
         "format": "difftron-token-shards", "version": 1, "kind": kind, "dtype": dtype.str, "vocab_size": vocab_size,
         "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": None, "mask_token_id": None,
-        "tokenizer_fingerprint": "synthetic", "tokenizer": "tokenizer", "tokenizer_source": "synthetic",
+        "tokenizer_fingerprint": write_synthetic_tokenizer(root / "tokenizer", eos_id),
+        "tokenizer": "tokenizer", "tokenizer_source": "synthetic",
         "source": {"synthetic": seed}, "shard_tokens": 0, "shards": shards, "records_consumed": total_docs,
         "total_tokens": total_tokens, "total_documents": total_docs, "bad_records": 0, "empty_records": 0,
         "complete": True,
