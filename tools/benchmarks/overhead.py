@@ -83,6 +83,7 @@ def difftron_trainer(model, config: ModelConfig, args, loader: MemoryBatches) ->
     trainer.device = torch.device("cpu")
     trainer.out_dir = Path("runs/bench-overhead")  # nothing is written there
     trainer.is_logging_rank = False  # no event files
+    trainer.length_multiple = 1  # no sequence parallelism
     trainer.init_run_state()
     trainer.loader = loader
     trainer.engine = LocalEngine(
