@@ -267,15 +267,17 @@ class ShardCache:
         self.downloads = 0  # files this process downloaded (the rest were there or fetched by another rank)
         local_manifest = os.path.join(self.local, S.MANIFEST)
         with self._lock("manifest"):
+            mirrored = False  # this manifest and its tokenizer are already here (another rank, an earlier run)
             if os.path.exists(local_manifest):
                 with open(local_manifest) as f:
                     old = json.load(f)
+                mirrored = old == manifest and os.path.isdir(os.path.join(self.local, S.TOKENIZER_DIR))
                 if old.get("shards") != manifest["shards"]:  # the remote changed: start the mirror afresh
                     for name in os.listdir(self.local):
                         if name.startswith("shard_"):
                             os.remove(os.path.join(self.local, name))
             tok_remote = posixpath_join(self.remote, S.TOKENIZER_DIR)
-            if self.fs.isdir(tok_remote):
+            if not mirrored and self.fs.isdir(tok_remote):  # the manifest is written after its tokenizer
                 for path in self.fs.find(tok_remote):
                     rel = path[len(tok_remote):].lstrip("/")
                     self._download(f"{S.TOKENIZER_DIR}/{rel}", os.path.join(self.local, S.TOKENIZER_DIR, rel))
