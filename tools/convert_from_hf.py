@@ -25,13 +25,11 @@ renamed into place; an existing OUT is replaced only with ``--force``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
