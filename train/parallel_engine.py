@@ -1,4 +1,4 @@
-"""The parallel training engine: ``train.engine.LocalEngine``'s interface over a TP×PP×DP layout.
+"""The parallel training engine: ``train.local_engine.LocalEngine``'s interface over a TP×PP×DP layout.
 
 ``build_parallel_engine(...)`` initializes ``torch.distributed`` (``cpu:gloo,cuda:nccl`` on GPU,
 gloo on CPU; see :func:`process_group_backend`), megatron-core's groups and the DeepSpeed engine, and returns a

@@ -59,7 +59,8 @@ from train.checkpoint import (
     verify_checkpoint,
 )
 from train.config import ConfigError, RunConfig, to_yaml
-from train.engine import LocalEngine, MicroBatch
+from train.engine import MicroBatch
+from train.local_engine import LocalEngine
 from train.guards import GuardError, StepGuard
 from train.hardware import current_device_name, mfu
 from train.metrics import EventLog, MetricsLogger

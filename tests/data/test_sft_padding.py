@@ -90,7 +90,7 @@ def test_training_loss_and_length_follow_llada(sft_dir, tmp_path):
 
 
 def losses(model, ld, step, micro_batch_size):
-    from train.engine import micro_batch_loss
+    from train.local_engine import micro_batch_loss
     from train.trainer import Trainer
 
     train = SimpleNamespace(global_batch_size=GBS, seq_len=SEQ_LEN, mask_eps=1e-3, stratified_t=True, keyed_noise=True,

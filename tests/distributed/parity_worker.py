@@ -32,7 +32,8 @@ import torch.distributed as dist  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.llada import build_model  # noqa: E402
 from model.objective import draw_noise, forward_process  # noqa: E402
-from train.engine import LocalEngine, MicroBatch  # noqa: E402
+from train.engine import MicroBatch  # noqa: E402
+from train.local_engine import LocalEngine  # noqa: E402
 
 SEED, OTHER_SEED = 1234, 99
 G, L, MBS, STEPS = 8, 16, 2, 5

@@ -32,7 +32,7 @@ import yaml  # noqa: E402
 
 from model.llada import build_model  # noqa: E402
 from parity_worker import G, MBS, OPT, SEED, finish, lr_at, rel, run_cases, split, step_batch, tiny_config  # noqa: E402
-from train.engine import LocalEngine  # noqa: E402
+from train.local_engine import LocalEngine  # noqa: E402
 
 K = 2  # steps before the layout change; step K is taken after it
 OTHER_SEED = 7

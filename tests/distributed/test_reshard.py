@@ -82,7 +82,7 @@ def _local_engine(seed: int):
     sys.path.insert(0, HERE)
     from model.llada import build_model
     from parity_worker import OPT, tiny_config
-    from train.engine import LocalEngine
+    from train.local_engine import LocalEngine
 
     return LocalEngine(build_model(tiny_config(2), seed), lr=1e-2, precision="fp32", device=torch.device("cpu"), **OPT)
 

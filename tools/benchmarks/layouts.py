@@ -4,7 +4,7 @@ single-process LocalEngine, on CPU (gloo) with a small model.
 Each layout is one ``torchrun --standalone`` launch of this module in worker mode
 (``OMP_NUM_THREADS=1`` per rank). The worker trains ``--warmup`` + ``--steps`` steps with the
 same data and keyed noise in every layout and reports the median step time; the reference is
-``train.engine.LocalEngine`` with one thread. On a 2-core machine, layouts with more than 2 ranks
+``train.local_engine.LocalEngine`` with one thread. On a 2-core machine, layouts with more than 2 ranks
 are oversubscribed, so their ratios measure overhead, not speed-up.
 
 Layout names: ``single`` (LocalEngine), ``tp{T}_pp{P}_z{Z}[_ac-MODE]`` with dp = ranks/(T·P),
@@ -80,7 +80,7 @@ def worker(args) -> None:
     opt = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
     if args.layout == "single":
         from model.llada import build_model
-        from train.engine import LocalEngine
+        from train.local_engine import LocalEngine
 
         engine = LocalEngine(build_model(config, SEED), precision="fp32", device=torch.device("cpu"), **opt)
         rows, barrier, rank = range(GLOBAL_BATCH), (lambda: None), 0

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.llada import build_model
 from train.config import LoggingConfig, RunConfig, TrainConfig
-from train.engine import LocalEngine
+from train.local_engine import LocalEngine
 from train.trainer import Trainer
 
 TARGET = 1.10

@@ -2,7 +2,7 @@
 
 A reduced-depth, full-width LLaDA (GPU default: 8 layers of d 4096 / 32 heads / SwiGLU 12288
 with the full 126,464-token vocabulary and head, seq 4096, i.e. 2.78B parameters) trained by
-``train.engine.LocalEngine``: forward, masked-diffusion loss, backward over the micro-batches,
+``train.local_engine.LocalEngine``: forward, masked-diffusion loss, backward over the micro-batches,
 gradient clipping and the AdamW step (fp32 master weights, bf16 autocast). The micro-batches are
 built like the trainer's (keyed noise, forward process, ``1/(G·L)`` row weights).
 
@@ -27,7 +27,8 @@ import torch
 from model.config import ModelConfig
 from model.llada import LLaDAModel
 from model.objective import draw_noise, forward_process
-from train.engine import LocalEngine, MicroBatch
+from train.engine import MicroBatch
+from train.local_engine import LocalEngine
 from train.hardware import current_device_name, mfu
 from train.performance import (
     KERNELS,
