@@ -10,7 +10,7 @@ calibrated against a measurement of that engine (tests/tools/test_plan_calibrati
 
 - model states per parameter, by DeepSpeed path (:data:`STATE_BYTES`; measured on gloo at two model
   sizes and two data-parallel sizes): bf16 + ZeRO-1 is DeepSpeedZeroOptimizer with fp32
-  gradient accumulation (``train.deepspeed_compat``): 2 (bf16 weights) + 5 (the fp32 ``grad_accum``
+  gradient accumulation (``train.internals``): 2 (bf16 weights) + 5 (the fp32 ``grad_accum``
   of every parameter, alive over the accumulation micro-batches, and the bf16 gradients being
   folded into it) + 12/dp (fp32 masters and AdamW moments), measured at the peak (after a
   micro-batch's backward); bf16 + ZeRO-2: 2 + 18/dp; bf16 + ZeRO-3: 20/dp;

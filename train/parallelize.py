@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import attention
 from model.config import ModelConfig
 from model.llada import CHECKPOINTING_MODES, LLaDAModel, RMSNorm, apply_rope, init_tensor, rope_tables
-from train.deepspeed_compat import zero1_bf16_with_fp32_accumulation
+from train.internals import zero1_bf16_with_fp32_accumulation
 from train.layout import MegatronMPU, ParallelLayout
 
 NO_CLIP = 1e30  # a clipping threshold that never clips (DeepSpeed computes norms only when > 0)
@@ -392,7 +392,7 @@ def deepspeed_config(
     ``use_multi_rank_bucket_allreduce=false``: one reduce per owner, not an all-reduce) and, at
     PP=1, during the backward pass (``overlap_comm``; ZeRO-1 only in the last micro-batch's).
     bf16 + ZeRO-1 keeps fp32 gradient accumulation (reduced in bf16, as before); build it inside
-    ``train.deepspeed_compat.zero1_bf16_with_fp32_accumulation`` (DeepSpeedZeroOptimizer
+    ``train.internals.zero1_bf16_with_fp32_accumulation`` (DeepSpeedZeroOptimizer
     instead of BF16_Optimizer). ``overlap=False`` gives the configuration before issue 16."""
     zero: dict = {"stage": layout.zero_stage}
     config = {

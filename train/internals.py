@@ -1,5 +1,10 @@
-"""Private DeepSpeed touch points used by the communication path, each with its reason and the
-version it was checked on (deepspeed 0.19.8)."""
+"""Every use of a private (underscore, undocumented or internal-module) DeepSpeed, megatron-core or
+torch API in difftron, each with a one-line reason and the version it was checked on.
+
+An upgrade of deepspeed (checked: 0.19.8), megatron-core (0.16.1) or torch (2.11-2.13) must
+re-check exactly this file (and run the parity, guard and checkpoint suites). Code elsewhere calls
+the functions here instead of touching the internals itself.
+"""
 
 from __future__ import annotations
 
