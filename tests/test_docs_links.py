@@ -47,7 +47,7 @@ def anchors(text: str) -> set[str]:
 
 def broken_links(md: Path) -> list[str]:
     bad = []
-    for lineno, line in enumerate(_prose(md.read_text(encoding="utf-8")), 1):
+    for line in _prose(md.read_text(encoding="utf-8")):
         for target in LINK.findall(line):
             if EXTERNAL.match(target):
                 continue
