@@ -104,10 +104,9 @@ def losses(model, ld, step, micro_batch_size):
 
 
 def test_pad_length_and_loss_do_not_depend_on_the_split(sft_dir):
-    from model.llada import build_model
-    from tests.conftest import tiny_model_config
+    from tests.tiny import tiny_model
 
-    model = build_model(tiny_model_config(vocab_size=512, embedding_size=512), seed=0)
+    model = tiny_model(seed=0, vocab_size=512, embedding_size=512)
     for step in range(3):
         length, single = losses(model, make_loader(sft_dir), step, micro_batch_size=GBS)
         assert length == max(len(e) for e, _ in examples_of_step(make_loader(sft_dir), step))
