@@ -84,7 +84,7 @@ def test_sample_sequence_equals_the_recorded_one(tmp_path, shard_dir):
         assert got[name] == golden["cases"][name], name
 
 
-@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("dp", [4])  # dp=2 took the same path (every rank a slice of the global batch)
 def test_sample_sequence_is_the_same_for_every_dp(tmp_path, dp):
     golden = json.loads(GOLDEN.read_text())["cases"]["mix3_train"]
     corpora = synthetic_corpora(tmp_path)
