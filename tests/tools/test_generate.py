@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from model.sampling import GenerationConfig
-from tools.generate import complete, main
 from tests.tiny import tiny_model
+from tools.generate import complete, main
 from tools.loading import load_for_inference
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,6 @@ import pytest
 
 from model.config import ModelConfig
 from tests.conftest import run_module
-from tools.plan import main as plan_main
 from tools.plan import (
     GB,
     GIB,
@@ -20,6 +19,7 @@ from tools.plan import (
     stage_params,
     tp_candidates,
 )
+from tools.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
 PSI = 8_015_581_184  # LLaDA-8B
