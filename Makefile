@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set up .venv (first time) and run the demo
-#   make test   set up .venv (first time) and run the test suite (what CI runs)
+#   make test   set up .venv (first time), lint (ruff, config in pyproject.toml), run the test suite (what CI runs)
 #   make gpu-wheels   build here the wheels gpu-check installs on a torch-only Python 3.12 machine
 #   make gpu-check    on a machine with one CUDA GPU: install them, train 20 steps, bench, write JSON
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test gpu-wheels gpu-check gpu-check-dry-run
+.PHONY: setup demo test lint gpu-wheels gpu-check gpu-check-dry-run
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 # The lent GPU machines have Python 3.12 and torch 2.11 only, and no network: carry every other

@@ -29,8 +29,23 @@ import numpy as np
 import torch
 
 from data.config import DataConfig
-from data.index import ChecksumVerifier, SampleIndex, derive_key, index_base, load_or_build_index, mix64, validation_documents  # noqa: F401
-from data.shards import MANIFEST, TOKENIZER_DIR, ShardSet, join, load_tokenizer_dir, tokenizer_fingerprint
+from data.index import (  # noqa: F401
+    ChecksumVerifier,
+    SampleIndex,
+    derive_key,
+    index_base,
+    load_or_build_index,
+    mix64,
+    validation_documents,
+)
+from data.shards import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    ShardSet,
+    join,
+    load_tokenizer_dir,
+    tokenizer_fingerprint,
+)
 from data.sources import open_source
 
 STATE_FORMAT = "difftron-loader"

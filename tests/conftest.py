@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny model configs, and a session-wide tiny training run."""
+"""Shared fixtures: the tiny model (tests/tiny.py), the embedded shards, a session-wide tiny training run."""
 
 from __future__ import annotations
 
@@ -10,23 +10,22 @@ from pathlib import Path
 import pytest
 
 from model.config import ModelConfig
+from tests.tiny import tiny_model as build_tiny_model
+from tests.tiny import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_model_config(**overrides) -> ModelConfig:
-    values = dict(
-        d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128, vocab_size=256,
-        embedding_size=256, max_sequence_length=128, mask_token_id=2, eos_token_id=1,
-        pad_token_id=1, bos_token_id=0,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """The shared tiny ModelConfig (tests/tiny.py)."""
+    return tiny_model_config()
 
 
 @pytest.fixture
-def tiny_config() -> ModelConfig:
-    return tiny_model_config()
+def tiny_model():
+    """A fresh tiny model built with seed 0 (tests/tiny.py); each test gets its own copy."""
+    return build_tiny_model(seed=0)
 
 
 def run_module(args: list[str], *, cwd: Path = REPO, timeout: int = 600, env: dict | None = None, check: bool = True):

@@ -17,13 +17,17 @@ from data.loader import build_loader
 STEPS, GBS, SEQ = 6, 8, 16
 
 
+def make_loader(shards: str, rank: int = 0, world: int = 1, split: str = "train"):
+    cfg = DataConfig(sources=[SourceConfig(path=str(shards))], validation_fraction=0.05)
+    return build_loader(cfg, seq_len=SEQ, global_batch_size=GBS, dp_rank=rank, dp_size=world, seed=11, split=split)
+
+
 def main(shards: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = DataConfig(sources=[SourceConfig(path=shards)], validation_fraction=0.05)
 
     def make(split="train"):
-        return build_loader(cfg, seq_len=SEQ, global_batch_size=GBS, dp_rank=rank, dp_size=world, seed=11, split=split)
+        return make_loader(shards, rank, world, split)
 
     loader = make()
     steps = []

@@ -161,11 +161,11 @@ def test_remote_source_through_the_cache(tmp_path, small_tokenizer, docs):
     prepare(["memory://remote/docs.jsonl"], "memory://remote/shards", tokenizer=small_tokenizer, shard_tokens=2000, progress=False)
     prepare(["memory://remote/docs.jsonl"], str(tmp_path / "local"), tokenizer=small_tokenizer, shard_tokens=2000, progress=False)
     r = loader("memory://remote/shards", cache_dir=str(tmp_path / "cache"), prefetch=False)
-    l = loader(tmp_path / "local")
-    assert torch.equal(r.batch(2)["input_ids"], l.batch(2)["input_ids"])
+    local = loader(tmp_path / "local")
+    assert torch.equal(r.batch(2)["input_ids"], local.batch(2)["input_ids"])
     assert (Path(r.tokenizer_path) / "tokenizer.json").is_file() and str(tmp_path / "cache") in r.tokenizer_path
     r2 = loader("memory://remote/shards", cache_dir=str(tmp_path / "cache2"), prefetch=True)
-    assert torch.equal(r2.batch(5)["input_ids"], l.batch(5)["input_ids"])
+    assert torch.equal(r2.batch(5)["input_ids"], local.batch(5)["input_ids"])
 
 
 # ----- bad shards -------------------------------------------------------------------------------

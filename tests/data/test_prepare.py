@@ -299,7 +299,6 @@ def test_resume_refuses_when_an_input_was_added_after_the_interruption(tmp_path,
 def test_a_100_mb_single_line_document_is_refused_in_bounded_memory(tmp_path, small_tokenizer):
     """Issue 21, item 6: tokenizing a 100 MB line whole took ~15 GB; the record-size guard names
     it (and --skip-bad-records skips it) with the process's peak memory near the line's size."""
-    import resource
     import subprocess
     import sys
 

@@ -31,7 +31,7 @@ def synthetic_corpora(root: Path) -> dict[str, Path]:
         "c": write_shard_dir(root / "c", random_lengths(2, 80, seed=3), seed=13, vocab_size=70000),
     }
     lengths = random_lengths(2, 30, seed=4, lo=4, hi=40)
-    plens = [np.maximum(1, l // 3) for l in lengths]
+    plens = [np.maximum(1, n // 3) for n in lengths]
     out["sft"] = write_shard_dir(root / "sft", lengths, seed=14, kind="sft", prompt_lengths=plens)
     return out
 
@@ -84,7 +84,7 @@ def test_sample_sequence_equals_the_recorded_one(tmp_path, shard_dir):
         assert got[name] == golden["cases"][name], name
 
 
-@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("dp", [4])  # dp=2 took the same path (every rank a slice of the global batch)
 def test_sample_sequence_is_the_same_for_every_dp(tmp_path, dp):
     golden = json.loads(GOLDEN.read_text())["cases"]["mix3_train"]
     corpora = synthetic_corpora(tmp_path)
@@ -96,8 +96,8 @@ def test_sample_sequence_is_the_same_for_every_dp(tmp_path, dp):
 if __name__ == "__main__":  # record (only on the reference loader)
     import tempfile
 
-    from data.prepare import prepare
     from data.corpus import train_tokenizer
+    from data.prepare import prepare
     from tests.data.conftest import make_docs, write_jsonl
 
     assert "--record" in sys.argv, "pass --record to overwrite golden_sequence.json"

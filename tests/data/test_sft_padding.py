@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import build_loader
 from data.config import DataConfig, SourceConfig
+from data.loader import build_loader
 from data.prepare import prepare
 from data.sources import ReadOptions
 from model.objective import draw_noise
@@ -74,9 +74,10 @@ def test_training_loss_and_length_follow_llada(sft_dir, tmp_path):
     for record in logged:
         examples = examples_of_step(ld, record["data_step"])
         assert record["seq_len"] == max(len(e) for e, _ in examples), record
+    import yaml
+
     from model.config import ModelConfig
     from model.llada import build_model
-    import yaml
 
     cfg = ModelConfig(**yaml.safe_load((REPO / "configs" / "model" / "tiny.yaml").read_text()))
     model = build_model(cfg, seed=0)
@@ -103,10 +104,9 @@ def losses(model, ld, step, micro_batch_size):
 
 
 def test_pad_length_and_loss_do_not_depend_on_the_split(sft_dir):
-    from tests.conftest import tiny_model_config
-    from model.llada import build_model
+    from tests.tiny import tiny_model
 
-    model = build_model(tiny_model_config(vocab_size=512, embedding_size=512), seed=0)
+    model = tiny_model(seed=0, vocab_size=512, embedding_size=512)
     for step in range(3):
         length, single = losses(model, make_loader(sft_dir), step, micro_batch_size=GBS)
         assert length == max(len(e) for e, _ in examples_of_step(make_loader(sft_dir), step))

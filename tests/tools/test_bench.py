@@ -1,20 +1,40 @@
-"""Each performance bench runs at tiny size on CPU and prints its figures (no speed thresholds)."""
+"""Each performance bench runs at tiny size on CPU and prints its figures (no speed thresholds).
+
+The benches run in this process through ``tools.bench.main`` (a subprocess per bench cost ~4 s of
+CPU for the interpreter and torch import alone); ``python -m tools.bench`` itself is run by
+``test_checkpoint_bench_bad_ranks_is_one_error_line``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import pytest
 
 from model.config import ModelConfig
 from tests.conftest import run_module
+from tools.bench import main as bench_main
 
 NUM = r"([0-9.]+(?:e[+-]?\d+)?)"
 
 
+def run_bench(*args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python -m tools.bench ARGS``, run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = bench_main(list(args))
+        except SystemExit as exc:  # argparse
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
+
+
 def bench(*args: str) -> str:
-    proc = run_module(["-m", "tools.bench", *args], timeout=900)
-    return proc.stdout
+    rc, out, err = run_bench(*args)
+    assert rc == 0, f"tools.bench {' '.join(args)} failed ({rc}):\n{out[-3000:]}\n{err[-3000:]}"
+    return out
 
 
 def number(pattern: str, text: str) -> float:
@@ -83,9 +103,9 @@ def test_bad_arguments_fail_with_one_error_line(args):
 
     if args[-1] in ("cuda", "sdpa_cudnn") and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = run_module(["-m", "tools.bench", *args], check=False, timeout=300)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
+    rc, _, err = run_bench(*args)
+    assert rc != 0
+    assert err.strip().splitlines()[-1].startswith("error: "), err
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@ recommended data-parallel path's gradient reductions during the backward pass.""
 
 from __future__ import annotations
 
-import torch.distributed as dist
 import pytest
+import torch.distributed as dist
 
 from tools.benchmarks import comm
 from tools.plan_comm import dp_minimum, pp_bytes, ring, tp_difftron

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig
 from model.hf import INDEX_FILE, expected_hf_tensors
 from model.llada import build_model
-from tests.conftest import REPO, run_module, tiny_model_config
+from tests.conftest import REPO, run_module
+from tests.tiny import tiny_model_config
 from tools import convert_from_hf, convert_to_hf
 from train.checkpoint import MODEL_PREFIX, load_model_weights, save_checkpoint, whole
 

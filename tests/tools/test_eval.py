@@ -97,10 +97,12 @@ def test_adapter_methods_directly(run_dir):
         lm.generate_until([Instance("generate_until", {}, ("x", {"until": [], "max_gen_toks": 6}), 0)])
 
 
-def test_cli_bad_model_path_is_one_error_line(tmp_path):
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "tools.eval", "--model", "difftron", "--model_args",
-                        f"pretrained={tmp_path / 'missing'}", "--tasks", "difftron_mc", "--include_path", str(TASKS),
-                        "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == f"error: model path not found: {tmp_path / 'missing'}"
+def test_cli_bad_model_path_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """Through ``tools.eval.main`` in this process (the ``single`` fixture runs the real CLI)."""
+    from tools.eval import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rc = main(["--model", "difftron", "--model_args", f"pretrained={tmp_path / 'missing'}", "--tasks", "difftron_mc",
+               "--include_path", str(TASKS), "--device", "cpu"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: model path not found: {tmp_path / 'missing'}"

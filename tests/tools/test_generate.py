@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 
-from model.config import ModelConfig
-from model.llada import build_model
 from model.sampling import GenerationConfig
+from tests.tiny import tiny_model
 from tools.generate import complete, main
 from tools.loading import load_for_inference
 
@@ -51,10 +50,8 @@ def make_tiny_run(root: Path, seed: int = 0) -> Path:
     from train.checkpoint import MODEL_PREFIX, save_checkpoint, whole
 
     tok_dir = train_tokenizer(root / "tok")
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=64, vocab_size=304,
-                      embedding_size=320, max_sequence_length=256, mask_token_id=2, eos_token_id=1,
-                      pad_token_id=1, bos_token_id=0)
-    model = build_model(cfg, seed=seed)
+    model = tiny_model(seed=seed, vocab_size=304, embedding_size=320, max_sequence_length=256)
+    cfg = model.config
     run = root / "run"
     state = {MODEL_PREFIX + k: whole(v) for k, v in model.state_dict().items()}
     save_checkpoint(run, 1, state=state, trainer_state={},

@@ -19,6 +19,7 @@ from tools.plan import (
     stage_params,
     tp_candidates,
 )
+from tools.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
 PSI = 8_015_581_184  # LLaDA-8B
@@ -140,22 +141,29 @@ def test_cli_8b_parameters_and_flops():
     assert "51.43 GFLOP/token" in out
 
 
-def test_cli_layouts_and_none_fits():
-    out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "8"]).stdout
+def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m tools.plan ARGS`` in this process (test_cli_8b_parameters_and_flops runs the real CLI)."""
+    rc = plan_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_layouts_and_none_fits(capsys):
+    rc, out, _ = plan_cli(capsys, REPO / "configs/model/llada_8b.yaml", "--gpus", "8")
     # ranked by predicted step time (tools/plan_comm.py): TP1 PP2 hides its little traffic best
-    assert "layouts that fit" in out and "parallel.tp=1 parallel.pp=2 parallel.zero_stage=1" in out
+    assert rc == 0 and "layouts that fit" in out and "parallel.tp=1 parallel.pp=2 parallel.zero_stage=1" in out
     assert "8.50" in out  # bytes/param of bf16 ZeRO-1 at dp 8 (7 + 12/8)
-    out = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "1"]).stdout
-    assert "no layout fits" in out
+    rc, out, _ = plan_cli(capsys, REPO / "configs/model/llada_8b.yaml", "--gpus", "1")
+    assert rc == 0 and "no layout fits" in out
 
 
-def test_cli_run_config_and_errors(tmp_path):
+def test_cli_run_config_and_errors(tmp_path, capsys):
     run = tmp_path / "run.yaml"
     run.write_text(f"model: {REPO / 'configs/model/llada_8b.yaml'}\ntrain:\n  seq_len: 2048\n  global_batch_size: 64\n"
                    "  micro_batch_size: 1\ndata:\n  sources:\n    - path: /nonexistent/placeholder\n")
-    out = run_module(["-m", "tools.plan", str(run), "--gpus", "8"]).stdout
-    assert "seq_len 2048" in out and "global batch 64 sequences" in out
-    bad = run_module(["-m", "tools.plan", str(tmp_path / "missing.yaml")], check=False)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:") and "missing.yaml" in bad.stderr
-    bad = run_module(["-m", "tools.plan", str(REPO / "configs/model/llada_8b.yaml"), "--gpus", "0"], check=False)
-    assert bad.returncode != 0 and "--gpus must be positive" in bad.stderr
+    rc, out, _ = plan_cli(capsys, run, "--gpus", "8")
+    assert rc == 0 and "seq_len 2048" in out and "global batch 64 sequences" in out
+    rc, _, err = plan_cli(capsys, tmp_path / "missing.yaml")
+    assert rc != 0 and err.strip().startswith("error:") and "missing.yaml" in err
+    rc, _, err = plan_cli(capsys, REPO / "configs/model/llada_8b.yaml", "--gpus", "0")
+    assert rc != 0 and "--gpus must be positive" in err

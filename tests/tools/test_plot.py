@@ -6,7 +6,7 @@ import math
 import pytest
 
 from tests.conftest import run_module
-from tools.plot import bucket_keys, default_window, plot_run, read_metrics, series, smooth
+from tools.plot import bucket_keys, default_window, main, plot_run, read_metrics, series, smooth
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,13 +47,13 @@ def test_plot_writes_pngs(tmp_path):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     write_metrics(tmp_path / "run", steps=5)
-    proc = run_module(["-m", "tools.plot", str(tmp_path / "run")])
+    proc = run_module(["-m", "tools.plot", str(tmp_path / "run")])  # the one `python -m tools.plot` run
     assert (tmp_path / "run" / "plots" / "loss.png").is_file()
     assert "throughput.png" in proc.stdout
-    bad = run_module(["-m", "tools.plot", str(tmp_path / "nothing")], check=False)
-    assert bad.returncode != 0 and bad.stderr.startswith("error: no metrics file")
+    assert main([str(tmp_path / "nothing")]) != 0
+    assert capsys.readouterr().err.startswith("error: no metrics file")
 
 
 def test_bad_lines(tmp_path):
@@ -82,15 +82,15 @@ def test_smoothing_makes_a_small_batch_bucket_curve_readable():
     assert err(smoothed) < err(noisy) / 2
 
 
-def test_references_and_smoothing_options(tmp_path):
+def test_references_and_smoothing_options(tmp_path, capsys):
     write_metrics(tmp_path / "run")
     paths = plot_run(tmp_path / "run", smooth_window=1, references={"unigram entropy": 6.6})
     assert all(p.is_file() for p in paths)
-    proc = run_module(["-m", "tools.plot", str(tmp_path / "run"), "--smooth", "5", "--hline", "unigram entropy=6.6",
-                       "--hline", "bigram=5.1"])
-    assert "loss_by_t.png" in proc.stdout
-    bad = run_module(["-m", "tools.plot", str(tmp_path / "run"), "--hline", "unigram=abc"], check=False)
-    assert bad.returncode == 2 and "expected LABEL=NUMBER" in bad.stderr
+    assert main([str(tmp_path / "run"), "--smooth", "5", "--hline", "unigram entropy=6.6", "--hline", "bigram=5.1"]) == 0
+    assert "loss_by_t.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:  # argparse's error exit
+        main([str(tmp_path / "run"), "--hline", "unigram=abc"])
+    assert bad.value.code == 2 and "expected LABEL=NUMBER" in capsys.readouterr().err
 
 
 def test_eval_only_record_at_step_zero(tmp_path):

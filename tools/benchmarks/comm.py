@@ -220,7 +220,7 @@ def summarize(results: dict) -> list[dict]:
             rows.append({"case": case, "error": err})
             continue
         r0 = per_rank[0]
-        worst = lambda g: max(group_bytes(r, g) for r in per_rank)  # noqa: E731
+        worst = lambda g, per_rank=per_rank: max(group_bytes(r, g) for r in per_rank)  # noqa: E731
         mins = [minimum(r) for r in per_rank]
         timing = r0["timing"] or {}
         rows.append({

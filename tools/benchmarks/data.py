@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             for workers in sorted({1, args.workers}):
                 out = work / f"shards_w{workers}"
                 shutil.rmtree(out, ignore_errors=True)
-                m, wall, cpu = _timed(lambda: prepare([str(jsonl)], str(out), tokenizer=tok_dir, workers=workers, progress=False))
+                m, wall, cpu = _timed(lambda out=out, workers=workers: prepare([str(jsonl)], str(out), tokenizer=tok_dir, workers=workers, progress=False))
                 n = m["total_tokens"]
                 if n != n_naive:
                     print(f"warning: prepare wrote {n} tokens, the naive baseline {n_naive}")
