@@ -165,11 +165,9 @@ def _make_planners():
         TensorProperties,
     )
     from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-    from torch.distributed.checkpoint.planner_helpers import (
-        _create_read_items,
-        _create_write_items,
-        create_read_items_for_chunk_list,
-    )
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from train.internals import dcp_read_items, dcp_write_items
 
     def find_chunk(obj: Sharded, index) -> Chunk:
         if index.index is not None and index.index < len(obj.chunks):
@@ -202,7 +200,7 @@ def _make_planners():
                             ),
                         ))
                 else:
-                    items += _create_write_items(fqn, obj)
+                    items += dcp_write_items(fqn, obj)
             self.plan = SavePlan(items)
             return self.plan
 
@@ -241,7 +239,7 @@ def _make_planners():
                     local = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in obj.chunks]
                     requests += create_read_items_for_chunk_list(fqn, md, local)
                 else:
-                    requests += _create_read_items(fqn, md, obj)
+                    requests += dcp_read_items(fqn, md, obj)
             return LoadPlan(requests)
 
         def lookup_tensor(self, index):

@@ -59,7 +59,7 @@ from train.checkpoint import (
     verify_checkpoint,
 )
 from train.config import ConfigError, RunConfig, to_yaml
-from train.engine import MicroBatch
+from train.engine import Engine, MicroBatch
 from train.local_engine import LocalEngine
 from train.guards import GuardError, StepGuard
 from train.hardware import current_device_name, mfu
@@ -86,12 +86,6 @@ def attention_kernel(backend: str, precision: str, device: torch.device) -> str:
         return resolve_backend(backend, device, torch.bfloat16 if precision == "bf16" else torch.float32)
     except ValueError as e:
         raise ConfigError(f"train.attention_backend={backend}: {e}") from None
-
-
-def sequence_multiple(layout) -> int:
-    """What every step's sequence length must be a multiple of: TP under sequence parallelism
-    (megatron scatters the sequence over the TP ranks), else 1."""
-    return layout.tp if layout is not None and layout.sequence_parallel else 1
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -122,11 +116,11 @@ class Trainer:
         # every process group is made now: making one later needs the launcher's store, so ranks
         # orphaned by a killed launcher would die at their first save instead of training on
         checkpoint_group()
-        self.dp_rank = getattr(self.engine, "dp_rank", 0)
-        self.dp_size = getattr(self.engine, "dp_size", 1)
-        self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)
-        self.device = getattr(self.engine, "device", self.device)
-        self.length_multiple = sequence_multiple(getattr(self.engine, "layout", None))
+        self.dp_rank = self.engine.dp_rank
+        self.dp_size = self.engine.dp_size
+        self.is_logging_rank = self.engine.is_logging_rank
+        self.device = self.engine.device
+        self.length_multiple = self.engine.sequence_multiple
         if t.seq_len % self.length_multiple:
             raise ConfigError(
                 f"train.seq_len ({t.seq_len}) must be a multiple of parallel.tp ({self.length_multiple}) "
@@ -177,7 +171,7 @@ class Trainer:
         self.rollbacks_here = 0  # rollbacks in this process (guard.max_rollbacks)
         self.events = EventLog(str(self.out_dir), enabled=self.is_logging_rank)
 
-    def _build_engine(self):
+    def _build_engine(self) -> Engine:
         t = self.cfg.train
         p = self.cfg.parallel
         trivial_layout = p.tp == 1 and p.pp == 1 and p.zero_stage == 0

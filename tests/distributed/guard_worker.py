@@ -104,7 +104,7 @@ def main() -> int:
 
     from parity_worker import finish, run_cases
     from train.config import load_config
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
     from train.trainer import Trainer
 
     init_distributed(use_cuda=False)

@@ -147,7 +147,7 @@ def worker(out_path: str, cases: list[str]) -> int:
     import torch.distributed as dist
 
     warnings.filterwarnings("ignore")
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
 
     init_distributed(use_cuda=False)
     results = {}
