@@ -45,6 +45,7 @@ class ParallelEngine:
     dp_rank: int
     dp_size: int
     is_logging_rank: bool
+    sequence_multiple: int
 
     def __init__(self, parallel_model: ParallelModel, precision: str) -> None:
         from megatron.core import parallel_state as ps
