@@ -44,7 +44,7 @@ from model.hf import (
     read_hf_config,
 )
 from tools.convert_to_hf import prepare_output, publish
-from train.checkpoint import MODEL_PREFIX, Chunk, Sharded, save_checkpoint, step_dir_name
+from train.checkpoint import MODEL_PREFIX, Chunk, Sharded, checkpoint_path, save_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -103,7 +103,7 @@ def convert_hf_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / "checkpoints" / step_dir_name(step)
+    return checkpoint_path(out, step)
 
 
 def main(argv: list[str] | None = None) -> int:
