@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from model.objective import masked_token_losses
 from train.engine import MicroBatch, StepOutput
-from train.performance import to_device
+from train.device import to_device
 
 
 def build_optimizer(

@@ -45,21 +45,13 @@ from model.objective import (
 from train.checkpoint import Checkpointer, remove_stale_temporaries
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import Engine, MicroBatch
+from train.device import compile_blocks, resolve_device
 from train.local_engine import LocalEngine
 from train.guards import GuardError, RunGuard
 from train.hardware import current_device_name, mfu
 from train.metrics import EventLog, MetricsLogger
-from train.performance import compile_blocks
 from train.runlock import RunLock
 from train.schedule import wsd_lr
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def attention_kernel(backend: str, precision: str, device: torch.device) -> str:
@@ -91,7 +83,10 @@ class Trainer:
         self.preempted = False  # set when a stop signal ended the run (after its checkpoint)
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.device = resolve_device(t.device)
+        try:
+            self.device = resolve_device(t.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.attention_kernel = attention_kernel(t.attention_backend, t.precision, self.device)  # fails fast
         self.out_dir = Path(t.out_dir)
         # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
