@@ -49,30 +49,24 @@ from model.hf import (
     transformers_version,
     write_special_tokens_map,
 )
-
-REMASKING = ("low_confidence", "random")
-
+from model.sampling import REMASKING, GenerationConfig
 
 @dataclass
 class SamplerDefaults:
-    """LLaDA ``generate()`` defaults recorded in generation_config.json (its own defaults)."""
+    """LLaDA ``generate()`` defaults recorded in generation_config.json: those of
+    ``model.sampling.GenerationConfig``, checked by it."""
 
-    steps: int = 128
-    gen_length: int = 128
-    block_length: int = 128
-    remasking: str = "low_confidence"
-    cfg_scale: float = 0.0
+    steps: int = GenerationConfig.steps
+    gen_length: int = GenerationConfig.gen_length
+    block_length: int = GenerationConfig.block_length
+    remasking: str = GenerationConfig.remasking
+    cfg_scale: float = GenerationConfig.cfg_scale
 
     def __post_init__(self) -> None:
-        if self.remasking not in REMASKING:
-            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
-        if min(self.steps, self.gen_length, self.block_length) <= 0:
-            raise ValueError("steps, gen_length and block_length must be positive")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
-        if self.steps % (self.gen_length // self.block_length):
-            raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "
-                             f"({self.gen_length // self.block_length})")
+        GenerationConfig(
+            steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
+            remasking=self.remasking, cfg_scale=self.cfg_scale,
+        ).validate()
 
 
 # ----- tensor sources -----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.loader import build_loader
+from data.shards import load_tokenizer_dir
 from model.llada import build_model
 from model.objective import (
     answer_lengths,
@@ -182,9 +183,7 @@ class Trainer:
             raise ConfigError(
                 f"the data's tokenizer has {self.loader.vocab_size} tokens but model.vocab_size is {m.vocab_size}"
             )
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.loader.tokenizer_path)
+        tok = load_tokenizer_dir(self.loader.tokenizer_path)
         if tok.mask_token_id is not None and tok.mask_token_id != m.mask_token_id:
             raise ConfigError(
                 f"model.mask_token_id ({m.mask_token_id}) differs from the tokenizer's mask token id "

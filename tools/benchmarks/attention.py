@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from model.hf import DTYPES
 from tools.benchmarks.kernels import (
     attention_flops,
     attention_kernels,
@@ -30,7 +31,6 @@ from train.device import resolve_device
 
 FULL = dict(batch=2, heads=32, seq=4096, head_dim=128, dtype="bf16")
 TINY = dict(batch=1, heads=4, seq=256, head_dim=64, dtype="fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse(argv, description):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.hf import DTYPES
 from model.llada import LLaDABlock, rope_tables
 from tools.benchmarks.kernels import (
     KERNELS,
@@ -34,12 +35,11 @@ from tools.benchmarks.kernels import (
     time_call,
     time_interleaved,
 )
-from train.hardware import peak_flops
 from train.device import compile_blocks, resolve_device
+from train.hardware import peak_flops
 
 FULL = dict(d_model=4096, heads=32, ffn=12288, seq=4096, batch=1, dtype="bf16")
 TINY = dict(d_model=256, heads=2, ffn=768, seq=256, batch=1, dtype="fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = "targets on one H100: >= 580 TFLOP/s with FA2, >= 640 with FA3/cuDNN-class attention"
 
 

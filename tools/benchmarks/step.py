@@ -33,10 +33,10 @@ from tools.benchmarks.kernels import (
     choose_attention,
     time_call,
 )
-from train.engine import MicroBatch
-from train.local_engine import LocalEngine
-from train.hardware import current_device_name, mfu
 from train.device import compile_blocks, resolve_device
+from train.engine import MicroBatch
+from train.hardware import current_device_name, mfu
+from train.local_engine import LocalEngine
 
 FULL = dict(layers=8, d_model=4096, heads=32, ffn=12288, vocab=126464, seq=4096, micro_batch=1, micro_batches=2, precision="bf16")
 TINY = dict(layers=4, d_model=256, heads=4, ffn=768, vocab=4096, seq=128, micro_batch=4, micro_batches=2, precision="fp32")
