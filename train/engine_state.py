@@ -49,14 +49,15 @@ def gather_full(engine, local_tensors, only_rank0: bool = False) -> dict[str, to
         for name, p in layer.full_named_parameters():
             for key, local in local_tensors(name, p):  # collective over DP under ZeRO: every rank
                 local = local.contiguous()
-                if getattr(p, "tensor_model_parallel", False) and engine.layout.tp > 1 and replica0:
+                dim = internals.tp_partition_dim(p)
+                if dim is not None and engine.layout.tp > 1 and replica0:
                     if only_rank0:
                         parts = [torch.empty_like(local) for _ in range(engine.layout.tp)] if receives else None
                         dist.gather(local, parts, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
                     else:
                         parts = [torch.empty_like(local) for _ in range(engine.layout.tp)]
                         dist.all_gather(parts, local, group=tp_group)
-                    local = torch.cat(parts, dim=p.partition_dim) if receives else local
+                    local = torch.cat(parts, dim=dim) if receives else local
                 if receives:
                     state[key] = local.cpu()
     if engine.layout.pp > 1 and receives:  # the PP group of (dp 0, tp 0) holds global rank 0
@@ -173,8 +174,9 @@ def load_full_optimizer_state(engine, state: dict[str, torch.Tensor]) -> None:
 def tp_base(engine, p, local_shape) -> tuple[int, ...]:
     """Offset of this rank's TP shard of ``p`` in the full tensor."""
     base = [0] * len(local_shape)
-    if getattr(p, "tensor_model_parallel", False) and engine.layout.tp > 1:
-        base[p.partition_dim] = engine.tp_rank * local_shape[p.partition_dim]
+    dim = internals.tp_partition_dim(p)
+    if dim is not None and engine.layout.tp > 1:
+        base[dim] = engine.tp_rank * local_shape[dim]
     return tuple(base)
 
 
@@ -206,8 +208,9 @@ def checkpoint_state(engine, optimizer: bool = True) -> dict:
             start, local_shape, master, moments = fp32_pieces(engine, p, moments=optimizer)
             base = tp_base(engine, p, local_shape)
             size = list(local_shape)
-            if getattr(p, "tensor_model_parallel", False) and engine.layout.tp > 1:
-                size[p.partition_dim] *= engine.layout.tp
+            dim = internals.tp_partition_dim(p)
+            if dim is not None and engine.layout.tp > 1:
+                size[dim] *= engine.layout.tp
             size = tuple(size)
             pieces = {MODEL_PREFIX + name: master}
             if optimizer:

@@ -25,6 +25,10 @@ STAYS_IN_PLACE = (
     ("train/checkpoint.py", "FileSystemReader._slice_file overridden",
      "the one hook where DCP's reader holds a stored chunk's bytes: their CRC-32 is checked there",
      "torch 2.13"),
+    ("train/checkpoint.py", "FileSystemReader.read_metadata overridden: sets Metadata.storage_meta.load_id "
+     "and planner_data",
+     "the metadata is read with a restricted unpickler, so the fields DCP's own reader fills in are "
+     "filled in the same way", "torch 2.13"),
     ("train/checkpoint.py", "DCP .metadata unpickled with classes from torch.distributed.checkpoint.metadata",
      "the metadata is a pickle; only DCP's own (internal-module) classes are admitted", "torch 2.13"),
     ("train/checkpoint.py", "WriteResult.storage_data carries (storage info, CRC-32) between write_data and finish",
@@ -92,6 +96,16 @@ def cpu_rng_state_setter() -> None:
 
     mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+
+
+def tp_partition_dim(p) -> int | None:
+    """The dimension along which megatron-core split ``p`` over the TP ranks; None when every TP
+    rank holds it whole.
+
+    Why: megatron's parallel layers mark their weights with ``tensor_model_parallel`` and
+    ``partition_dim`` (``tensor_parallel.layers.set_tensor_model_parallel_attributes``), a
+    convention, not an API. megatron-core 0.16.1."""
+    return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
 
 
 # ----- DeepSpeed: the engine's optimizer ------------------------------------------------------------
