@@ -133,7 +133,7 @@ class Trainer:
         if t.resume:
             self._resume()
         elif t.init_from is not None:
-            self._init_from(t.init_from)
+            self.checkpoints.init_from(t.init_from)
         self.metrics = MetricsLogger(
             str(self.out_dir), enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
             project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
@@ -207,9 +207,6 @@ class Trainer:
             )
         if self.is_logging_rank:
             tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
-
-    def _init_from(self, path: str) -> None:
-        self.checkpoints.init_from(path)
 
     # ----- one step ---------------------------------------------------------------------------
     def micro_batches(self, batch: dict, step: int, *, seed: int, length: int) -> tuple[list[MicroBatch], torch.Tensor]:
