@@ -1,11 +1,12 @@
-"""The parallel training engine: ``train.local_engine.LocalEngine``'s interface over a TP×PP×DP layout.
+"""The parallel training engine: ``train.engine.Engine`` over a TP×PP×DP layout.
 
 ``build_parallel_engine(...)`` initializes ``torch.distributed`` (``train.distributed``),
-megatron-core's groups and the DeepSpeed engine, and returns a :class:`ParallelEngine`, which
-implements ``train.engine.Engine``: the step, evaluation and the guard's veto point are here; its
-state (full tensors, checkpoint chunks) is gathered and scattered by ``train.engine_state``. Every rank of a step receives its data-parallel rank's micro-batches
-(all TP/PP peers of a DP rank get the same ones) and returns the same ``StepOutput.loss``
-(the global batch's loss) and ``grad_norm`` (global, before clipping).
+megatron-core's groups and the DeepSpeed engine, and returns a :class:`ParallelEngine`. The
+step, evaluation and the guard's veto point are here; the engine's state (full tensors,
+checkpoint chunks) is gathered and scattered by ``train.engine_state``. Every rank of a step
+receives its data-parallel rank's micro-batches (all TP/PP peers of a DP rank get the same ones)
+and returns the same ``StepOutput.loss`` (the global batch's loss) and ``grad_norm`` (global,
+before clipping).
 """
 
 from __future__ import annotations
