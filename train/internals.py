@@ -173,7 +173,10 @@ def ensure_optimizer_state(ds_engine) -> None:
 
 
 def optimizer_step_count(ds_engine) -> int:
-    """AdamW's step count on this rank (the largest over its parameter groups; 0 before any)."""
+    """AdamW's step count on this rank (the largest over its parameter groups; 0 before any).
+
+    Why: read from the torch AdamW under DeepSpeed's wrapper (:func:`base_optimizer`); DeepSpeed
+    has no accessor for it. deepspeed 0.19.8."""
     steps = [int(st["step"]) for st in base_optimizer(ds_engine).state.values() if "step" in st]
     return max(steps, default=0)
 
@@ -189,18 +192,24 @@ def set_optimizer_step(ds_engine, step: int) -> None:
 
 # ----- DeepSpeed: parameters and their ZeRO partitions -----------------------------------------------
 def is_zero3_param(p) -> bool:
-    """A parameter partitioned by ZeRO-3 (``ds_id`` is set by ``deepspeed.zero.Init``). deepspeed 0.19.8."""
+    """A parameter partitioned by ZeRO-3.
+
+    Why: only the attribute ``ds_id`` (set by ``deepspeed.zero.Init``) tells. deepspeed 0.19.8."""
     return hasattr(p, "ds_id")
 
 
 def has_zero_fragment(p) -> bool:
-    """A parameter whose fp32 master lives in a DeepSpeed partition (ZeRO-3, or ZeRO-1/2 and bf16,
-    which set the private ``_hp_mapping``). deepspeed 0.19.8."""
+    """A parameter whose fp32 master lives in a DeepSpeed partition (ZeRO-3, or ZeRO-1/2 and bf16).
+
+    Why: only ``ds_id`` or the private ``_hp_mapping`` tell. deepspeed 0.19.8."""
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def unpartitioned_shape(p) -> tuple[int, ...]:
-    """The unpartitioned shape of a parameter (ZeRO-3's ``ds_shape``; else its own). deepspeed 0.19.8."""
+    """The unpartitioned shape of a parameter.
+
+    Why: under ZeRO-3 ``p.shape`` is empty; the full shape is the undocumented ``ds_shape``.
+    deepspeed 0.19.8."""
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
 
