@@ -167,12 +167,16 @@ def generation_config(config: ModelConfig, sampler: SamplerDefaults) -> dict:
 PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 
-def copy_tokenizer_files(tokenizer_dir: Path, dest: Path) -> None:
-    """Copy the tokenizer files; ``tokenizer_config.json``'s ``tokenizer_class`` is made portable
-    across transformers 4.x and 5.x (see PORTABLE_TOKENIZER_CLASSES), everything else is verbatim."""
-    for item in sorted(tokenizer_dir.iterdir()):
-        if not item.is_file():
-            continue
+def copy_tokenizer_files(tokenizer_dir: Path, dest: Path, names: Iterable[str] | None = None) -> list[str]:
+    """Copy the tokenizer files (all files of ``tokenizer_dir``, or only those in ``names``) into
+    ``dest`` (made if anything is copied); returns the copied names. ``tokenizer_config.json``'s
+    ``tokenizer_class`` is made portable across transformers 4.x and 5.x (see
+    PORTABLE_TOKENIZER_CLASSES), everything else is verbatim."""
+    wanted = None if names is None else set(names)
+    items = [i for i in sorted(tokenizer_dir.iterdir()) if i.is_file() and (wanted is None or i.name in wanted)]
+    if items:
+        dest.mkdir(parents=True, exist_ok=True)
+    for item in items:
         if item.name == "tokenizer_config.json" and (tokenizer_dir / "tokenizer.json").is_file():
             settings = json.loads(item.read_text())
             portable = PORTABLE_TOKENIZER_CLASSES.get(settings.get("tokenizer_class"))
@@ -181,6 +185,7 @@ def copy_tokenizer_files(tokenizer_dir: Path, dest: Path) -> None:
                 (dest / item.name).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
                 continue
         shutil.copyfile(item, dest / item.name)
+    return [item.name for item in items]
 
 
 def prepare_output(out: Path, force: bool) -> Path:
