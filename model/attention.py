@@ -12,7 +12,7 @@
   kernels called with ``causal=False``; they need CUDA fp16/bf16 tensors and no padding mask, and
   are imported lazily (never at module import, so this module imports on any CPU machine).
 
-``train.performance.pick_attention`` measures them side by side on a GPU and picks one per device.
+``tools.benchmarks.kernels.pick_attention`` measures them side by side on a GPU and picks one per device.
 
 Shapes: q ``[B, H, S, D]``, k and v ``[B, Hkv, S, D]`` with ``H % Hkv == 0``; the mask is
 ``[B, S]`` with True (or 1) for tokens that may be attended to. Returns ``[B, H, S, D]``.

@@ -43,22 +43,13 @@ from model.hf import (
     iter_hf_tensors,
     read_hf_config,
 )
-from tools.convert_to_hf import prepare_output, publish
-from train.checkpoint import MODEL_PREFIX, Chunk, Sharded, save_checkpoint, step_dir_name
+from tools.convert_to_hf import copy_tokenizer_files, prepare_output, publish
+from train.checkpoint import MODEL_PREFIX, Chunk, Sharded, checkpoint_path, save_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-
-def copy_tokenizer(hf_dir: Path, dest: Path) -> list[str]:
-    """Copy the HF tokenizer files of ``hf_dir`` into ``dest``; returns the copied names."""
-    names = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
-    if names:
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            shutil.copyfile(hf_dir / name, dest / name)
-    return names
 
 
 def convert_hf_dir(
@@ -93,7 +84,7 @@ def convert_hf_dir(
         }
         config_yaml = OmegaConf.to_yaml(OmegaConf.create({"model": config.to_dict()}))
         staging = tmp / ".tokenizer"
-        has_tokenizer = bool(copy_tokenizer(hf_dir, staging))
+        has_tokenizer = bool(copy_tokenizer_files(hf_dir, staging, TOKENIZER_FILES))
         if not has_tokenizer:
             print(f"warning: {hf_dir} has no tokenizer files; the checkpoint has no tokenizer/", file=sys.stderr)
         save_checkpoint(tmp, step, state=state, trainer_state={"converted_from": str(hf_dir.resolve())},
@@ -103,7 +94,7 @@ def convert_hf_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / "checkpoints" / step_dir_name(step)
+    return checkpoint_path(out, step)
 
 
 def main(argv: list[str] | None = None) -> int:

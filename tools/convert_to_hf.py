@@ -49,30 +49,24 @@ from model.hf import (
     transformers_version,
     write_special_tokens_map,
 )
-
-REMASKING = ("low_confidence", "random")
-
+from model.sampling import REMASKING, GenerationConfig
 
 @dataclass
 class SamplerDefaults:
-    """LLaDA ``generate()`` defaults recorded in generation_config.json (its own defaults)."""
+    """LLaDA ``generate()`` defaults recorded in generation_config.json: those of
+    ``model.sampling.GenerationConfig``, checked by it."""
 
-    steps: int = 128
-    gen_length: int = 128
-    block_length: int = 128
-    remasking: str = "low_confidence"
-    cfg_scale: float = 0.0
+    steps: int = GenerationConfig.steps
+    gen_length: int = GenerationConfig.gen_length
+    block_length: int = GenerationConfig.block_length
+    remasking: str = GenerationConfig.remasking
+    cfg_scale: float = GenerationConfig.cfg_scale
 
     def __post_init__(self) -> None:
-        if self.remasking not in REMASKING:
-            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
-        if min(self.steps, self.gen_length, self.block_length) <= 0:
-            raise ValueError("steps, gen_length and block_length must be positive")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
-        if self.steps % (self.gen_length // self.block_length):
-            raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "
-                             f"({self.gen_length // self.block_length})")
+        GenerationConfig(
+            steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
+            remasking=self.remasking, cfg_scale=self.cfg_scale,
+        ).validate()
 
 
 # ----- tensor sources -----------------------------------------------------------------------------
@@ -173,12 +167,16 @@ def generation_config(config: ModelConfig, sampler: SamplerDefaults) -> dict:
 PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 
-def copy_tokenizer_files(tokenizer_dir: Path, dest: Path) -> None:
-    """Copy the tokenizer files; ``tokenizer_config.json``'s ``tokenizer_class`` is made portable
-    across transformers 4.x and 5.x (see PORTABLE_TOKENIZER_CLASSES), everything else is verbatim."""
-    for item in sorted(tokenizer_dir.iterdir()):
-        if not item.is_file():
-            continue
+def copy_tokenizer_files(tokenizer_dir: Path, dest: Path, names: Iterable[str] | None = None) -> list[str]:
+    """Copy the tokenizer files (all files of ``tokenizer_dir``, or only those in ``names``) into
+    ``dest`` (made if anything is copied); returns the copied names. ``tokenizer_config.json``'s
+    ``tokenizer_class`` is made portable across transformers 4.x and 5.x (see
+    PORTABLE_TOKENIZER_CLASSES), everything else is verbatim."""
+    wanted = None if names is None else set(names)
+    items = [i for i in sorted(tokenizer_dir.iterdir()) if i.is_file() and (wanted is None or i.name in wanted)]
+    if items:
+        dest.mkdir(parents=True, exist_ok=True)
+    for item in items:
         if item.name == "tokenizer_config.json" and (tokenizer_dir / "tokenizer.json").is_file():
             settings = json.loads(item.read_text())
             portable = PORTABLE_TOKENIZER_CLASSES.get(settings.get("tokenizer_class"))
@@ -187,6 +185,7 @@ def copy_tokenizer_files(tokenizer_dir: Path, dest: Path) -> None:
                 (dest / item.name).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
                 continue
         shutil.copyfile(item, dest / item.name)
+    return [item.name for item in items]
 
 
 def prepare_output(out: Path, force: bool) -> Path:

@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: gen-length)")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-noise temperature; 0 = argmax")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight (0 = off)")
-    p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    p.add_argument("--remasking", choices=REMASKING, default=GenerationConfig.remasking)
     p.add_argument("--logits-eos-inf", action="store_true", help="never sample EOS")
     p.add_argument("--confidence-eos-eot-inf", action="store_true",
                    help="LLaDA's flag: at T=0 EOS/EoT picks get confidence 0 and the others are renormalized "

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.hf import DTYPES as HF_DTYPES
 from model.llada import LLaDAModel
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {**HF_DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -3,7 +3,7 @@ DeepSpeed/megatron path moves (measured by ``python -m tools.bench comm``), and 
 model that turns them into time (NVLink inside a node, InfiniBand between nodes).
 
 All byte counts are per rank and per optimizer step, under the ring algorithms' accounting of
-``train.collectives`` (all-reduce ``2·S·(n-1)/n``, reduce-scatter / all-gather ``S·(n-1)/n``,
+``tools.benchmarks.collectives`` (all-reduce ``2·S·(n-1)/n``, reduce-scatter / all-gather ``S·(n-1)/n``,
 point-to-point ``S``). Ψ is the number of parameters one rank holds before ZeRO sharding (its
 pipeline stage's, divided by TP), ``m`` the micro-batches per step on a data-parallel rank,
 ``b_g`` the bytes of a communicated gradient element and ``b_w`` of a weight element.

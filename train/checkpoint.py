@@ -37,6 +37,11 @@ once) and DCP hands those to rank 0, which records them in ``checksums.json``. E
 chunk it reads before using it (:class:`_Reader`); :func:`verify_checkpoint` checks the small
 files and the data files' sizes without reading the data. DCP's ``.metadata`` is a pickle: it is
 read with an unpickler that only admits DCP's metadata classes.
+
+**A run's checkpoints.** :class:`Checkpointer` is what the trainer holds: it saves the engine's
+chunks with the trainer state (data position, guard state; the background writer of
+``train.async_save`` included), restores all of it (older checkpoints' missing fields filled in),
+finds the resume and rollback candidates and discards a rollback's abandoned checkpoints.
 """
 
 from __future__ import annotations
@@ -53,12 +58,17 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from train.engine import Engine
+    from train.guards import RunGuard
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -78,6 +88,11 @@ class CheckpointError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` of the run in ``out_dir`` is (or will be) saved."""
+    return Path(out_dir) / "checkpoints" / step_dir_name(step)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -165,11 +180,9 @@ def _make_planners():
         TensorProperties,
     )
     from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-    from torch.distributed.checkpoint.planner_helpers import (
-        _create_read_items,
-        _create_write_items,
-        create_read_items_for_chunk_list,
-    )
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from train.internals import dcp_read_items, dcp_write_items
 
     def find_chunk(obj: Sharded, index) -> Chunk:
         if index.index is not None and index.index < len(obj.chunks):
@@ -202,7 +215,7 @@ def _make_planners():
                             ),
                         ))
                 else:
-                    items += _create_write_items(fqn, obj)
+                    items += dcp_write_items(fqn, obj)
             self.plan = SavePlan(items)
             return self.plan
 
@@ -241,7 +254,7 @@ def _make_planners():
                     local = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in obj.chunks]
                     requests += create_read_items_for_chunk_list(fqn, md, local)
                 else:
-                    requests += _create_read_items(fqn, md, obj)
+                    requests += dcp_read_items(fqn, md, obj)
             return LoadPlan(requests)
 
         def lookup_tensor(self, index):
@@ -559,7 +572,7 @@ class AsyncSave:
     every rank (collective)."""
 
     def __init__(self, out_dir, step: int, state: dict, **kwargs) -> None:
-        self.path = Path(out_dir) / "checkpoints" / step_dir_name(step)
+        self.path = checkpoint_path(out_dir, step)
         self.error: BaseException | None = None
         staged = stage(state)
         checkpoint_group()  # created here, by every rank, before the thread starts
@@ -850,3 +863,144 @@ def load_into_engine(ckpt: Path, engine, *, optimizer: bool = True) -> None:
     state = engine.checkpoint_state(optimizer=optimizer)
     load_state(ckpt, state)
     engine.finish_checkpoint_load(state)
+
+
+# ----- a run's checkpoints ---------------------------------------------------------------------
+class Checkpointer:
+    """The checkpoints of the run in ``out_dir``: the engine's chunks, the data loader's position
+    and the guard's run state (``train.guards.RunGuard``) saved together, restored together.
+    Collective methods must be called by every rank; files outside the DCP write are touched by
+    the logging rank only."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        engine: "Engine",
+        *,
+        loader,
+        run_guard: "RunGuard",
+        model_config: ModelConfig,
+        config_yaml: str,
+        keep_last: int,
+        async_save: bool,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.engine, self.loader, self.run_guard = engine, loader, run_guard
+        self.model_config = model_config
+        self.config_yaml = config_yaml
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: AsyncSave | None = None
+        checkpoint_group()  # made now, while the launcher's store is there (see the trainer)
+
+    @property
+    def where(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    # ----- saving -----------------------------------------------------------------------------
+    def trainer_state(self, data_step: int) -> dict:
+        """``state.json``'s fields besides ``step``: the loader's position, the next data step and
+        the guard's run state."""
+        loader = self.loader.state_dict()
+        loader["next_step"] = data_step
+        return {"loader": loader, "data_step": data_step, **self.run_guard.state_dict()}
+
+    def save(self, step: int, data_step: int) -> Path:
+        """Write the checkpoint of ``step`` (collective). Under ``async_save`` only the copy of
+        this rank's chunks to CPU blocks; the write runs in the background and ``latest`` moves
+        when every rank's part is written. At most one save is in flight."""
+        self.wait()
+        kwargs = dict(
+            trainer_state=self.trainer_state(data_step), config_yaml=self.config_yaml,
+            tokenizer_dir=self.loader.tokenizer_path, keep_last=self.keep_last,
+        )
+        if self.async_save:
+            self._pending = AsyncSave(self.out_dir, step, self.engine.checkpoint_state(), **kwargs)
+            return self._pending.path
+        return save_checkpoint(self.out_dir, step, state=self.engine.checkpoint_state(), **kwargs)
+
+    def wait(self) -> None:
+        """Block until a background write has finished; re-raise its error if any (collective)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+    # ----- restoring --------------------------------------------------------------------------
+    def _check_model(self, ckpt: Path, what: str) -> None:
+        from train.config import ConfigError
+
+        saved = read_model_config(ckpt)
+        if saved != self.model_config:
+            diff = [k for k, v in saved.to_dict().items() if getattr(self.model_config, k) != v]
+            raise ConfigError(f"{what} (differs in: {', '.join(diff)})")
+
+    def restore(self, ckpt: Path) -> tuple[int, int]:
+        """Load weights, AdamW state, data position, RNG and the guard's run state from ``ckpt``;
+        returns ``(step, next data step)``. Collective."""
+        from train.config import ConfigError
+
+        self._check_model(ckpt, f"checkpoint {ckpt} was written for a different model")
+        trainer = load_training_state_json(ckpt)
+        try:
+            # weights and AdamW moments are stored as chunks of the full tensors under the model's
+            # parameter names; each rank reads its own chunks, so any layout resumes any other
+            load_into_engine(ckpt, self.engine)
+        except CheckpointError as e:
+            if "no optimizer state" not in str(e):
+                raise
+            raise ConfigError(
+                f"checkpoint {ckpt} has no optimizer state (e.g. it was converted from HF); "
+                f"start from its weights with train.init_from={ckpt} instead of train.resume"
+            ) from None
+        self.loader.load_state_dict(trainer["loader"])
+        rng = load_rng(ckpt)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+        self.run_guard.load_state_dict(trainer)
+        step = int(trainer["step"])
+        return step, int(trainer.get("data_step", step))
+
+    def resume(self, log) -> tuple[Path, int, int] | None:
+        """Restore the newest undamaged checkpoint (``latest`` first); a damaged one is reported
+        through ``log`` (one line) and the next older one tried. ``(checkpoint, step, data step)``,
+        or None for a run with no checkpoint. Collective."""
+        from train.config import ConfigError
+
+        candidates = resume_candidates(self.out_dir)  # a broken `latest` with nothing left raises
+        if not candidates:
+            return None
+        for ckpt in candidates:
+            problem = verify_checkpoint(ckpt)
+            if problem is None:
+                try:
+                    return (ckpt, *self.restore(ckpt))  # chunk CRCs are checked as they are read, on every rank
+                except CheckpointError as e:  # raised on every rank alike
+                    problem = str(e)
+            log(f"resume: skipping damaged checkpoint {ckpt.name}: {problem}")
+        raise ConfigError(f"resume: every checkpoint in {self.where} is damaged (see above)")
+
+    def init_from(self, path: str | os.PathLike) -> None:
+        """Load only the weights of the checkpoint at ``path`` (``train.init_from``). Collective."""
+        ckpt = checked_checkpoint(path)  # damaged: one line; chunk CRCs are checked as read
+        self._check_model(ckpt, f"train.init_from={path} holds a different model")
+        load_into_engine(ckpt, self.engine, optimizer=False)
+
+    # ----- rollbacks --------------------------------------------------------------------------
+    def saved_data_steps(self):
+        """``(checkpoint, data step it was saved at)`` of the run's undamaged checkpoints, newest
+        first (checked lazily, as the caller goes)."""
+        for ckpt in reversed(list_checkpoints(self.out_dir)):
+            try:
+                trainer = load_training_state_json(ckpt)
+            except (OSError, ValueError):
+                continue
+            if verify_checkpoint(ckpt) is None:
+                yield ckpt, int(trainer.get("data_step", trainer.get("step", 0)))
+
+    def discard_after(self, keep: Path, *, is_logging_rank: bool) -> None:
+        """Delete the checkpoints newer than ``keep`` (a rollback's abandoned timeline must not
+        be resumed), on the logging rank; then every rank waits for it (collective)."""
+        if is_logging_rank:
+            discard_checkpoints_after(self.out_dir, keep)
+        if _distributed():
+            dist.barrier()

@@ -5,6 +5,8 @@ megatron-core 0.16.1 allocates communication buffers with ``device=torch.cuda.cu
 RNG calls. :func:`apply` points those at the CPU. It does nothing when CUDA is available, and it
 is idempotent. DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op on every
 ``init_distributed`` (20+ s the first time); :func:`apply` skips that build, and gloo is used.
+The private megatron/DeepSpeed hooks are in ``train.internals``; the ``torch.cuda`` replacements
+here are listed there (``STAYS_IN_PLACE``).
 
 The optional ``factory_mode`` also rewrites ``device="cuda"`` tensor factories (megatron's
 pipeline schedules, ``broadcast_data``, the default causal mask); our layout does not need them,
@@ -13,10 +15,9 @@ and the mode adds Python overhead to every torch call, so it is off by default.
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import torch
+
+from train import internals
 
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
@@ -49,19 +50,9 @@ def apply(factory_mode: bool = False) -> bool:
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # RNG tracker
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    import megatron.core.tensor_parallel.random as mrandom
-
-    mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
-    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
-    skip_deepspeed_shm_build()
+    internals.cpu_rng_state_setter()
+    internals.skip_shm_build()
     if factory_mode:
         _CudaToCpuMode().__enter__()
     return True
 
-
-def skip_deepspeed_shm_build() -> None:
-    """DeepSpeed's CPU accelerator builds ``deepspeed_shm_comm`` at ``init_distributed``; skip
-    it (``deepspeed.comm.torch`` as an attribute is the torch module, hence ``sys.modules``)."""
-    import deepspeed.comm.torch  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

@@ -18,12 +18,18 @@ is Σ_b n_b·μ_b with variance Σ_b n_b·v_b over the buckets that have seen ``
 steps; its z-score is (Σ_b Σx − expected) / sqrt(variance), and z > ``spike_z`` vetoes the step.
 Only applied full-length steps update the statistics (random-length steps have other variances
 and are not judged). The statistics are part of the trainer state in every checkpoint.
+
+:class:`RunGuard` holds the run-level state around the gate: the counters of vetoed steps, the
+bad streak, the skip windows (data steps never trained on again) and the rollback decision
+(when, and to which checkpoint). The trainer asks it; ``train.checkpoint`` stores it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -196,3 +202,117 @@ class StepGuard:
         self.raw_mean = torch.tensor(state["raw_mean"], dtype=torch.float64)
         self.raw_var = torch.tensor(state["raw_var"], dtype=torch.float64)
         self.seen = torch.tensor(state["seen"], dtype=torch.int64)
+
+
+@dataclass
+class Rollback:
+    """A rollback the guard decided on: go back to ``target`` (a checkpoint, as the caller named
+    it) and never train on data steps ``window[0]`` .. ``window[1] - 1`` again."""
+
+    target: Any
+    window: list[int]
+    where: str  # the bad streak in words, for the log
+
+
+class RunGuard:
+    """The guard's run-level state: the step guard's statistics, counters of vetoed steps, the bad
+    streak, the skip windows and the rollback decision. ``state_dict`` is stored in checkpoints
+    (with the rollback count); ``rollbacks_here`` counts this process's rollbacks only."""
+
+    COUNTS = ("nonfinite", "spike", "rollbacks")
+
+    def __init__(self, cfg: GuardConfig) -> None:
+        self.cfg = cfg
+        self.guard = StepGuard(cfg)
+        self.counts = dict.fromkeys(self.COUNTS, 0)  # kept in checkpoints
+        self.skip_windows: list[list[int]] = []  # [start, end) data steps never trained on (rollbacks)
+        self.bad_streak = 0  # vetoed steps in a row
+        self.bad_streak_start: int | None = None  # data step of the first of them
+        self.rollbacks_here = 0  # rollbacks in this process (guard.max_rollbacks)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps vetoed (non-finite or spike), over the whole run."""
+        return self.counts["nonfinite"] + self.counts["spike"]
+
+    # ----- per step ---------------------------------------------------------------------------
+    def next_data_step(self, data_step: int) -> int:
+        """The first data step at or after ``data_step`` outside every skip window."""
+        moved = True
+        while moved:
+            moved = False
+            for start, end in self.skip_windows:
+                if start <= data_step < end:
+                    data_step, moved = end, True
+        return data_step
+
+    def gate(self, times: torch.Tensor, *, judge_spikes: bool) -> StepGate:
+        return self.guard.gate(times, judge_spikes=judge_spikes)
+
+    def record(self, gate: StepGate, skip_reason: str | None, data_step: int) -> None:
+        """After a step trained on ``data_step``: a vetoed one (``skip_reason``) is counted and
+        starts or extends the bad streak; an applied one ends the streak and, full-length, feeds
+        the spike statistics."""
+        if skip_reason is not None:
+            self.counts["spike" if skip_reason == "spike" else "nonfinite"] += 1
+            if self.bad_streak == 0:
+                self.bad_streak_start = data_step
+            self.bad_streak += 1
+            return
+        self.bad_streak, self.bad_streak_start = 0, None
+        if gate.stats is not None and gate.judge_spikes:  # full-length steps only
+            self.guard.observe(gate.stats)
+
+    # ----- rollbacks --------------------------------------------------------------------------
+    def rollback_due(self) -> bool:
+        k = self.cfg.rollback_after
+        return k > 0 and self.bad_streak >= k
+
+    def plan_rollback(self, next_data_step: int, checkpoints: Iterable[tuple[Any, int]], where_saved: str) -> Rollback:
+        """The rollback for the current bad streak (``next_data_step``: the loader's next batch):
+        the newest of ``checkpoints`` (``(checkpoint, data step it was saved at)``, newest first,
+        undamaged ones only) saved before the streak's first data step. :class:`GuardError` when
+        there is none (``where_saved`` names where they were looked for) or the run has rolled
+        back ``guard.max_rollbacks`` times already."""
+        window = [int(self.bad_streak_start), int(next_data_step)]
+        where = f"{self.bad_streak} skipped steps in a row (data steps {window[0]}..{window[1] - 1})"
+        target = next((ckpt for ckpt, saved_at in checkpoints if saved_at <= window[0]), None)
+        if target is None:
+            raise GuardError(
+                f"guard: {where} and no checkpoint from before them in {where_saved} to roll back "
+                "to; stopping (see events.jsonl). Lower the learning rate, check the data, or set "
+                "train.checkpoint_every so that there is one"
+            )
+        if self.rollbacks_here >= self.cfg.max_rollbacks:
+            raise GuardError(
+                f"guard: {where} after {self.rollbacks_here} rollbacks already (guard.max_rollbacks={self.cfg.max_rollbacks}); "
+                "stopping: the run keeps diverging (see events.jsonl)"
+            )
+        return Rollback(target, window, where)
+
+    def rolled_back(self, plan: Rollback, before: dict) -> None:
+        """After the checkpoint of ``plan`` was restored (which loaded its older state): keep the
+        counters from ``before`` (:meth:`state_dict` taken before the restore), count the
+        rollback and add the streak's window to the skip windows."""
+        self.counts = {k: int(before["guard_counts"][k]) for k in self.COUNTS}
+        self.counts["rollbacks"] += 1
+        self.rollbacks_here += 1
+        self.skip_windows = sorted([list(map(int, w)) for w in before["skip_windows"]] + [plan.window])
+
+    # ----- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The trainer-state fields of a checkpoint (JSON-serializable)."""
+        return {
+            "skip_windows": [list(w) for w in self.skip_windows], "skipped_steps": self.skipped_steps,
+            "guard_counts": dict(self.counts), "guard": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """From a checkpoint's trainer state, also one written before a field existed (no skip
+        windows, no guard statistics, only ``skipped_steps``). Ends any bad streak."""
+        self.skip_windows = [list(map(int, w)) for w in state.get("skip_windows", [])]
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+        counts = state.get("guard_counts", {"nonfinite": int(state.get("skipped_steps", 0))})
+        self.counts = {k: int(counts.get(k, 0)) for k in self.COUNTS}
+        self.bad_streak, self.bad_streak_start = 0, None

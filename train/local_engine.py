@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from model.objective import masked_token_losses
 from train.engine import MicroBatch, StepOutput
-from train.performance import to_device
+from train.device import to_device
 
 
 def build_optimizer(
@@ -42,6 +42,11 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, to
 
 class LocalEngine:
     """One process, one device: plain PyTorch AdamW, gradient accumulation, clipping, autocast."""
+
+    dp_rank = 0
+    dp_size = 1
+    is_logging_rank = True
+    sequence_multiple = 1
 
     def __init__(
         self,
@@ -108,15 +113,6 @@ class LocalEngine:
         """Full weights in the model's (LLaDA HF-prefix-free) names, on CPU (``only_rank0``: the
         parallel engine's switch; one process is rank 0)."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state, strict=True)
-
-    def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
 
     # ----- checkpoints (train.checkpoint) -----------------------------------------------------
     def checkpoint_state(self, optimizer: bool = True) -> dict:
@@ -198,3 +194,6 @@ class LocalEngine:
                     )
                 entry[key] = value.detach().to(device=p.device, dtype=p.dtype).clone()
             self.optimizer.state[p] = entry
+
+    def close(self) -> None:
+        """Nothing to release (one process, no process groups)."""

@@ -17,7 +17,7 @@ One step, as data (see the README's architecture section):
 Optimizer steps and data steps: ``self.step`` counts optimizer steps (it sets the learning rate;
 a vetoed step still counts); ``self.data_step`` is the next batch of the loader (it keys the
 batch, the noise and the random length). They are equal until a rollback makes the run skip a
-window of data steps (``self.skip_windows``).
+window of data steps (``self.run_guard.skip_windows``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.loader import build_loader
+from data.shards import load_tokenizer_dir
 from model.llada import build_model
 from model.objective import (
     answer_lengths,
@@ -42,39 +43,16 @@ from model.objective import (
     random_length,
     t_bucket_sums,
 )
-from train.checkpoint import (
-    AsyncSave,
-    CheckpointError,
-    checked_checkpoint,
-    checkpoint_group,
-    discard_checkpoints_after,
-    list_checkpoints,
-    load_into_engine,
-    load_rng,
-    load_training_state_json,
-    read_model_config,
-    remove_stale_temporaries,
-    resume_candidates,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from train.checkpoint import Checkpointer, remove_stale_temporaries
 from train.config import ConfigError, RunConfig, to_yaml
-from train.engine import MicroBatch
+from train.engine import Engine, MicroBatch
+from train.device import compile_blocks, resolve_device
 from train.local_engine import LocalEngine
-from train.guards import GuardError, StepGuard
+from train.guards import GuardError, RunGuard
 from train.hardware import current_device_name, mfu
 from train.metrics import EventLog, MetricsLogger
-from train.performance import compile_blocks
 from train.runlock import RunLock
 from train.schedule import wsd_lr
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def attention_kernel(backend: str, precision: str, device: torch.device) -> str:
@@ -86,12 +64,6 @@ def attention_kernel(backend: str, precision: str, device: torch.device) -> str:
         return resolve_backend(backend, device, torch.bfloat16 if precision == "bf16" else torch.float32)
     except ValueError as e:
         raise ConfigError(f"train.attention_backend={backend}: {e}") from None
-
-
-def sequence_multiple(layout) -> int:
-    """What every step's sequence length must be a multiple of: TP under sequence parallelism
-    (megatron scatters the sequence over the TP ranks), else 1."""
-    return layout.tp if layout is not None and layout.sequence_parallel else 1
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -110,23 +82,22 @@ class Trainer:
         self.stop_signal: int | None = None
         self._in_loop = False  # False during setup: SIGTERM/SIGINT then exit at once (nothing to save)
         self.preempted = False  # set when a stop signal ended the run (after its checkpoint)
-        self._save_thread: AsyncSave | None = None
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.device = resolve_device(t.device)
+        try:
+            self.device = resolve_device(t.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.attention_kernel = attention_kernel(t.attention_backend, t.precision, self.device)  # fails fast
         self.out_dir = Path(t.out_dir)
         # one run per out_dir: global rank 0 holds its lock until it exits (train/runlock.py)
         self._run_lock = RunLock(self.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         self.engine = self._build_engine()
-        # every process group is made now: making one later needs the launcher's store, so ranks
-        # orphaned by a killed launcher would die at their first save instead of training on
-        checkpoint_group()
-        self.dp_rank = getattr(self.engine, "dp_rank", 0)
-        self.dp_size = getattr(self.engine, "dp_size", 1)
-        self.is_logging_rank = getattr(self.engine, "is_logging_rank", True)
-        self.device = getattr(self.engine, "device", self.device)
-        self.length_multiple = sequence_multiple(getattr(self.engine, "layout", None))
+        self.dp_rank = self.engine.dp_rank
+        self.dp_size = self.engine.dp_size
+        self.is_logging_rank = self.engine.is_logging_rank
+        self.device = self.engine.device
+        self.length_multiple = self.engine.sequence_multiple
         if t.seq_len % self.length_multiple:
             raise ConfigError(
                 f"train.seq_len ({t.seq_len}) must be a multiple of parallel.tp ({self.length_multiple}) "
@@ -149,6 +120,12 @@ class Trainer:
                 dp_rank=self.dp_rank, dp_size=self.dp_size, seed=t.seed, split="validation",
             )
         self.init_run_state()
+        # every process group is made now (the checkpoints' own): making one later needs the
+        # launcher's store, so ranks orphaned by a killed launcher would die at their first save
+        self.checkpoints = Checkpointer(
+            self.out_dir, self.engine, loader=self.loader, run_guard=self.run_guard, model_config=cfg.model,
+            config_yaml=to_yaml(cfg), keep_last=t.keep_last, async_save=t.async_save,
+        )
         if self.is_logging_rank:  # leftovers of a killed or failed save (no save is running yet)
             remove_stale_temporaries(self.out_dir, log=tqdm.write)
         if self.is_logging_rank:
@@ -156,7 +133,7 @@ class Trainer:
         if t.resume:
             self._resume()
         elif t.init_from is not None:
-            self._init_from(t.init_from)
+            self.checkpoints.init_from(t.init_from)
         self.metrics = MetricsLogger(
             str(self.out_dir), enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
             project=cfg.logging.wandb_project, run_name=cfg.logging.run_name,
@@ -165,19 +142,14 @@ class Trainer:
 
     # ----- setup ------------------------------------------------------------------------------
     def init_run_state(self) -> None:
-        """The loop's counters, the step guard and the event log (from ``cfg``, ``out_dir``,
-        ``is_logging_rank``); a checkpoint restore overwrites them."""
+        """The loop's counters, the guard's run state and the event log (from ``cfg``,
+        ``out_dir``, ``is_logging_rank``); a checkpoint restore overwrites them."""
         self.step = 0  # optimizer steps taken (vetoed ones included)
         self.data_step = 0  # the loader's next batch (before skip windows are applied)
-        self.skip_windows: list[list[int]] = []  # [start, end) data steps never trained on (rollbacks)
-        self.guard = StepGuard(self.cfg.guard)
-        self.guard_counts = {"nonfinite": 0, "spike": 0, "rollbacks": 0}  # kept in checkpoints
-        self.bad_streak = 0  # vetoed steps in a row
-        self.bad_streak_start: int | None = None  # data step of the first of them
-        self.rollbacks_here = 0  # rollbacks in this process (guard.max_rollbacks)
+        self.run_guard = RunGuard(self.cfg.guard)  # step guard, counters, streak, skip windows
         self.events = EventLog(str(self.out_dir), enabled=self.is_logging_rank)
 
-    def _build_engine(self):
+    def _build_engine(self) -> Engine:
         t = self.cfg.train
         p = self.cfg.parallel
         trivial_layout = p.tp == 1 and p.pp == 1 and p.zero_stage == 0
@@ -211,40 +183,23 @@ class Trainer:
             raise ConfigError(
                 f"the data's tokenizer has {self.loader.vocab_size} tokens but model.vocab_size is {m.vocab_size}"
             )
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.loader.tokenizer_path)
+        tok = load_tokenizer_dir(self.loader.tokenizer_path)
         if tok.mask_token_id is not None and tok.mask_token_id != m.mask_token_id:
             raise ConfigError(
                 f"model.mask_token_id ({m.mask_token_id}) differs from the tokenizer's mask token id "
                 f"({tok.mask_token_id}, {tok.mask_token!r}) in {self.loader.tokenizer_path}"
             )
 
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps vetoed by the guard (non-finite or spike), over the whole run."""
-        return self.guard_counts["nonfinite"] + self.guard_counts["spike"]
-
     def _resume(self) -> None:
         def log(message: str) -> None:
             self.events.write("checkpoint_damaged", step=self.step, message=message, console=message)
 
-        candidates = resume_candidates(self.out_dir)  # a broken `latest` with nothing left raises
-        if not candidates:
+        found = self.checkpoints.resume(log)
+        if found is None:
             if self.is_logging_rank:
-                tqdm.write(f"resume: no checkpoint in {self.out_dir / 'checkpoints'}; starting from step 0")
+                tqdm.write(f"resume: no checkpoint in {self.checkpoints.where}; starting from step 0")
             return
-        for ckpt in candidates:  # a damaged one is skipped (one line) for the next older one
-            problem = verify_checkpoint(ckpt)
-            if problem is None:
-                try:
-                    self._restore(ckpt)  # chunk CRCs are checked as they are read, on every rank
-                    break
-                except CheckpointError as e:  # raised on every rank alike
-                    problem = str(e)
-            log(f"resume: skipping damaged checkpoint {ckpt.name}: {problem}")
-        else:
-            raise ConfigError(f"resume: every checkpoint in {self.out_dir / 'checkpoints'} is damaged (see above)")
+        ckpt, self.step, self.data_step = found
         if self.step > self.cfg.train.max_steps:
             raise ConfigError(
                 f"resume: {ckpt} is at step {self.step}, past train.max_steps={self.cfg.train.max_steps}; "
@@ -252,45 +207,6 @@ class Trainer:
             )
         if self.is_logging_rank:
             tqdm.write(f"resume: continuing from {ckpt} (step {self.step})")
-
-    def _restore(self, ckpt: Path) -> None:
-        """Load weights, AdamW state, data position, RNG, guard statistics and counters. Collective."""
-        saved = read_model_config(ckpt)
-        if saved != self.cfg.model:
-            diff = [k for k, v in saved.to_dict().items() if getattr(self.cfg.model, k) != v]
-            raise ConfigError(f"checkpoint {ckpt} was written for a different model (differs in: {', '.join(diff)})")
-        trainer = load_training_state_json(ckpt)
-        try:
-            # weights and AdamW moments are stored as chunks of the full tensors under the model's
-            # parameter names; each rank reads its own chunks, so any layout resumes any other
-            load_into_engine(ckpt, self.engine)
-        except CheckpointError as e:
-            if "no optimizer state" not in str(e):
-                raise
-            raise ConfigError(
-                f"checkpoint {ckpt} has no optimizer state (e.g. it was converted from HF); "
-                f"start from its weights with train.init_from={ckpt} instead of train.resume"
-            ) from None
-        self.loader.load_state_dict(trainer["loader"])
-        rng = load_rng(ckpt)
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-        self.step = int(trainer["step"])
-        self.data_step = int(trainer.get("data_step", self.step))
-        self.skip_windows = [list(map(int, w)) for w in trainer.get("skip_windows", [])]
-        if "guard" in trainer:
-            self.guard.load_state_dict(trainer["guard"])
-        counts = trainer.get("guard_counts", {"nonfinite": int(trainer.get("skipped_steps", 0))})
-        self.guard_counts = {k: int(counts.get(k, 0)) for k in ("nonfinite", "spike", "rollbacks")}
-        self.bad_streak, self.bad_streak_start = 0, None
-
-    def _init_from(self, path: str) -> None:
-        ckpt = checked_checkpoint(path)  # damaged: one line; chunk CRCs are checked as read
-        cfg = read_model_config(ckpt)
-        if cfg != self.cfg.model:
-            diff = [k for k, v in cfg.to_dict().items() if getattr(self.cfg.model, k) != v]
-            raise ConfigError(f"train.init_from={path} holds a different model (differs in: {', '.join(diff)})")
-        load_into_engine(ckpt, self.engine, optimizer=False)
 
     # ----- one step ---------------------------------------------------------------------------
     def micro_batches(self, batch: dict, step: int, *, seed: int, length: int) -> tuple[list[MicroBatch], torch.Tensor]:
@@ -314,20 +230,10 @@ class Trainer:
             mbs.append(MicroBatch(noisy[sl], ids[sl], masked[sl], noise.p_mask[sl], row_weight[sl].float()))
         return mbs, noise.t
 
-    def next_data_step(self, data_step: int) -> int:
-        """The first data step at or after ``data_step`` outside every skip window."""
-        moved = True
-        while moved:
-            moved = False
-            for start, end in self.skip_windows:
-                if start <= data_step < end:
-                    data_step, moved = end, True
-        return data_step
-
     def train_step(self) -> dict:
         t = self.cfg.train
         step = self.step
-        data_step = self.next_data_step(self.data_step)
+        data_step = self.run_guard.next_data_step(self.data_step)
         start = time.perf_counter()
         batch = self.loader.batch(data_step)
         if t.objective == "sft" and "prompt_lengths" not in batch:
@@ -343,18 +249,15 @@ class Trainer:
             step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
             drop_lr=t.drop_lr, decay_steps=t.decay_steps, final_lr=t.final_lr,
         )
-        gate = self.guard.gate(times, judge_spikes=length == t.seq_len or t.objective == "sft")
+        gate = self.run_guard.gate(times, judge_spikes=length == t.seq_len or t.objective == "sft")
         out = self.engine.train_step(mbs, lr, gate=gate)
         elapsed = time.perf_counter() - start
         self.data_step = data_step + 1
         self.step += 1
         verdict = gate.verdict
+        self.run_guard.record(gate, (out.skip_reason or "nonfinite") if out.skipped else None, data_step)
         if out.skipped:
-            self._on_skip(out, verdict, data_step)
-        else:
-            self.bad_streak, self.bad_streak_start = 0, None
-            if gate.stats is not None and gate.judge_spikes:  # full-length steps only
-                self.guard.observe(gate.stats)
+            self._log_skip(out, verdict, data_step)
         values = {
             "loss": out.loss,
             "lr": lr,
@@ -364,10 +267,10 @@ class Trainer:
             "tokens_per_s": t.global_batch_size * length / elapsed,
             "step_time_s": elapsed,
             "mem_gb": peak_memory_gb(self.device),
-            "skipped_steps": self.skipped_steps,
-            "skipped_nonfinite": self.guard_counts["nonfinite"],
-            "skipped_spike": self.guard_counts["spike"],
-            "rollbacks": self.guard_counts["rollbacks"],
+            "skipped_steps": self.run_guard.skipped_steps,
+            "skipped_nonfinite": self.run_guard.counts["nonfinite"],
+            "skipped_spike": self.run_guard.counts["spike"],
+            "rollbacks": self.run_guard.counts["rollbacks"],
             "spike_z": verdict.z if verdict is not None else float("nan"),
         }
         if self.device.type == "cuda":  # MFU only on GPUs, from the bidirectional FLOP count
@@ -378,83 +281,44 @@ class Trainer:
         values.update(self._bucket_losses(times, out.per_sample, length))
         return values
 
-    def _on_skip(self, out, verdict, data_step: int) -> None:
-        """Count and log a vetoed step; start or extend the bad streak."""
+    def _log_skip(self, out, verdict, data_step: int) -> None:
         reason = out.skip_reason or "nonfinite"
-        kind = "spike" if reason == "spike" else "nonfinite"
-        self.guard_counts[kind] += 1
-        if self.bad_streak == 0:
-            self.bad_streak_start = data_step
-        self.bad_streak += 1
+        g = self.run_guard
         z = verdict.z if verdict is not None else float("nan")
         detail = f"loss {out.loss:.6g}, grad norm {out.grad_norm:.6g}"
         if reason == "spike":
             detail += f", z {z:.1f} > {self.cfg.guard.spike_z:g} (worst t-bucket {verdict.worst_bucket})"
         self.events.write(
             "skip", step=self.step, data_step=data_step, reason=reason, loss=out.loss, grad_norm=out.grad_norm,
-            z=z, bad_streak=self.bad_streak, console=(
-                f"guard: step {self.step} skipped ({reason}: {detail}); {self.skipped_steps} skipped so far, "
-                f"{self.bad_streak} in a row"
+            z=z, bad_streak=g.bad_streak, console=(
+                f"guard: step {self.step} skipped ({reason}: {detail}); {g.skipped_steps} skipped so far, "
+                f"{g.bad_streak} in a row"
             ),
         )
 
-    def rollback_due(self) -> bool:
-        k = self.cfg.guard.rollback_after
-        return k > 0 and self.bad_streak >= k
-
-    def _rollback_target(self, before_data_step: int) -> Path | None:
-        """The newest undamaged checkpoint written before data step ``before_data_step`` was trained."""
-        for ckpt in reversed(list_checkpoints(self.out_dir)):
-            try:
-                trainer = load_training_state_json(ckpt)
-            except (OSError, ValueError):
-                continue
-            if int(trainer.get("data_step", trainer.get("step", 0))) <= before_data_step and verify_checkpoint(ckpt) is None:
-                return ckpt
-        return None
-
     def rollback(self) -> None:
-        """Go back to the last checkpoint from before the bad streak; never train on the streak's
-        data window again. Every rank calls it at the same step (the verdicts are agreed)."""
-        g = self.cfg.guard
-        window = [int(self.bad_streak_start), int(self.data_step)]
-        self.wait_for_save()
+        """Go back to the last checkpoint from before the bad streak (``RunGuard.plan_rollback``);
+        never train on the streak's data window again. Every rank calls it at the same step (the
+        verdicts are agreed)."""
+        self.checkpoints.wait()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the logging rank's checkpoint files are complete
-        target = self._rollback_target(window[0])
-        where = f"{self.bad_streak} skipped steps in a row (data steps {window[0]}..{window[1] - 1})"
-        if target is None:
-            raise GuardError(
-                f"guard: {where} and no checkpoint from before them in {self.out_dir / 'checkpoints'} to roll back "
-                "to; stopping (see events.jsonl). Lower the learning rate, check the data, or set "
-                "train.checkpoint_every so that there is one"
-            )
-        if self.rollbacks_here >= g.max_rollbacks:
-            raise GuardError(
-                f"guard: {where} after {self.rollbacks_here} rollbacks already (guard.max_rollbacks={g.max_rollbacks}); "
-                "stopping: the run keeps diverging (see events.jsonl)"
-            )
-        from_step = self.step
-        counts, windows = dict(self.guard_counts), self.skip_windows + [window]
-        self._restore(target)
-        self.guard_counts = counts
-        self.guard_counts["rollbacks"] += 1
-        self.rollbacks_here += 1
-        self.skip_windows = sorted(windows)
-        if self.is_logging_rank:  # the abandoned timeline's checkpoints must not be resumed
-            discard_checkpoints_after(self.out_dir, target)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        plan = self.run_guard.plan_rollback(self.data_step, self.checkpoints.saved_data_steps(), str(self.checkpoints.where))
+        from_step, before = self.step, self.run_guard.state_dict()
+        self.step, self.data_step = self.checkpoints.restore(plan.target)
+        self.run_guard.rolled_back(plan, before)
+        self.checkpoints.discard_after(plan.target, is_logging_rank=self.is_logging_rank)
         # re-save the target with the new skip window (this also points `latest` at it), so a
         # crash before the next checkpoint resumes without walking into the window again; until
         # then `latest` names a deleted folder and resume falls back to the newest left: the target
         self.save()
-        self.wait_for_save()
+        self.checkpoints.wait()
+        w = plan.window
         self.events.write(
-            "rollback", step=from_step, to_step=self.step, checkpoint=target.name, skip_window=window,
+            "rollback", step=from_step, to_step=self.step, checkpoint=plan.target.name, skip_window=w,
             console=(
-                f"guard: {where}: rolled back from step {from_step} to {target.name}; data steps "
-                f"{window[0]}..{window[1] - 1} will be skipped ({self.guard_counts['rollbacks']} rollback(s) so far)"
+                f"guard: {plan.where}: rolled back from step {from_step} to {plan.target.name}; data steps "
+                f"{w[0]}..{w[1] - 1} will be skipped ({self.run_guard.counts['rollbacks']} rollback(s) so far)"
             ),
         )
 
@@ -490,38 +354,15 @@ class Trainer:
         return float(total[0] / total[1])
 
     # ----- checkpoints and signals ------------------------------------------------------------
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step (collective: every rank must call it).
-
-        Every rank writes its own chunks of the weights and AdamW state (``train.checkpoint``), as
-        pieces of the full tensors named like the single-device model's parameters, so the
-        checkpoint resumes in any parallel layout."""
-        self.wait_for_save()  # at most one checkpoint in flight
-        kwargs = dict(
-            trainer_state=self._trainer_state(), config_yaml=to_yaml(self.cfg),
-            tokenizer_dir=self.loader.tokenizer_path, keep_last=self.cfg.train.keep_last,
-        )
-        if self.cfg.train.async_save:
-            # blocking part: this rank's chunks are copied to CPU; the write runs in the background
-            # and `latest` moves only when every rank's part is written
-            self._save_thread = AsyncSave(self.out_dir, self.step, self.engine.checkpoint_state(), **kwargs)
-            return self._save_thread.path
-        return save_checkpoint(self.out_dir, self.step, state=self.engine.checkpoint_state(), **kwargs)
-
-    def _trainer_state(self) -> dict:
-        loader = self.loader.state_dict()
-        loader["next_step"] = self.data_step
-        return {
-            "loader": loader, "data_step": self.data_step, "skip_windows": self.skip_windows,
-            "skipped_steps": self.skipped_steps, "guard_counts": dict(self.guard_counts),
-            "guard": self.guard.state_dict(),
-        }
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (collective: every rank must call it): every
+        rank writes its own chunks of the full weights and AdamW state, so it resumes in any
+        layout (``train.checkpoint``)."""
+        return self.checkpoints.save(self.step, self.data_step)
 
     def wait_for_save(self) -> None:
         """Block until a background checkpoint write has finished; re-raise its error if any."""
-        thread, self._save_thread = self._save_thread, None
-        if thread is not None:
-            thread.wait()
+        self.checkpoints.wait()
 
     def _on_signal(self, signum, _frame) -> None:
         """SIGUSR1 (a preemption warning), SIGTERM and SIGINT (Ctrl-C): finish the step, save, exit 0.
@@ -569,7 +410,7 @@ class Trainer:
                 self.metrics.log(0, {"eval_bound": self.evaluate()})  # the bound the training starts from
             while self.step < t.max_steps:
                 values = self.train_step()
-                if self.rollback_due():
+                if self.run_guard.rollback_due():
                     history.append({"step": self.step, **values})
                     self.metrics.log(self.step, values, console=False)
                     self.rollback()

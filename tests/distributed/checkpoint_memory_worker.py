@@ -82,7 +82,7 @@ def main() -> int:
     out_path, layout = sys.argv[1], sys.argv[2]
     warnings.filterwarnings("ignore")
     from train.checkpoint import AsyncSave, checkpoint_group, load_into_engine, save_checkpoint
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
 
     init_distributed(use_cuda=False)
     import torch.distributed.checkpoint  # noqa: F401  (imports are not the checkpoint's reads)

@@ -59,16 +59,16 @@ def inject(trainer, *, vetoing_rank: bool) -> None:
             mbs = [dataclasses.replace(mb, row_weight=mb.row_weight * 30.0) for mb in mbs]
         return mbs, times
 
-    judge = trainer.guard.judge
+    judge = trainer.run_guard.guard.judge
 
     def rank_local_judge(loss, grad_norm, stats, judge_spikes):
         verdict = judge(loss, grad_norm, stats, judge_spikes)
-        if vetoing_rank and trainer.next_data_step(trainer.data_step) == VETO_AT:
+        if vetoing_rank and trainer.run_guard.next_data_step(trainer.data_step) == VETO_AT:
             return Verdict("spike", math.nan, None)
         return verdict
 
     trainer.micro_batches = micro_batches
-    trainer.guard.judge = rank_local_judge
+    trainer.run_guard.guard.judge = rank_local_judge
 
 
 def summary(trainer, history: list[dict]) -> dict:
@@ -104,7 +104,7 @@ def main() -> int:
 
     from parity_worker import finish, run_cases
     from train.config import load_config
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
     from train.trainer import Trainer
 
     init_distributed(use_cuda=False)

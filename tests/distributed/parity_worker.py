@@ -9,7 +9,7 @@ writes ``{case: {metric: worst value over ranks}}`` to OUT.json. A case name is
 ``tp{T}_pp{P}_z{Z}[_ac-{mode}][_load][_sp][_split{a}{b}][_resume]`` (dp = world / (T·P)):
 ``_load`` initializes the engine with ``load_model_state_dict`` from a model of another seed
 instead of the drawn weights; ``_sp`` turns on sequence parallelism; ``_split13`` gives
-``pp_split=[1, 3]``; ``_resume`` saves the engine after step 2, builds a fresh engine, loads the
+``pp_split=[1, 3]``; ``_resume`` saves a checkpoint (``train.checkpoint``) after step 2, builds a fresh engine, loads the
 checkpoint and goes on (resume in the same layout); ``_bf16`` trains in DeepSpeed bf16 (fp32
 masters) against the fp32 reference.
 """
@@ -116,11 +116,13 @@ def run_case(name: str, world: int, config: ModelConfig, refs: dict) -> dict:
         want = ref["rows"][step][mine.start : mine.stop]
         res["rows"] = max(res["rows"], float(((out.per_sample - want).abs() / want.abs()).max()))
         if resume and step == 2:
-            ckpt = os.path.join(os.environ["PARITY_TMP"], name)
-            engine.save(ckpt)
+            from train.checkpoint import load_into_engine, save_checkpoint
+
+            ckpt = save_checkpoint(os.path.join(os.environ["PARITY_TMP"], name), step + 1, state=engine.checkpoint_state(),
+                                   trainer_state={}, config_yaml="", tokenizer_dir=None, rng=False)
             engine.close()
             engine = build()
-            engine.load(ckpt)
+            load_into_engine(ckpt, engine)
     evals = engine.eval_loss(split(step_batch(0, config), mine, MBS))
     want = ref["eval"][mine.start : mine.stop]
     res["eval"] = float(((evals - want).abs() / want.abs()).max())
@@ -181,7 +183,7 @@ def main() -> int:
     out_path, cases = sys.argv[1], sys.argv[2:]
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's c10d renames used by megatron
     warnings.filterwarnings("ignore", message=".*(CUDA_DEVICE_MAX_CONNECTIONS|Transformer Engine|Apex).*")
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
 
     init_distributed(use_cuda=False)
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -133,7 +133,7 @@ def main() -> int:
     out_path, cases = sys.argv[1], sys.argv[2:]
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(CUDA_DEVICE_MAX_CONNECTIONS|Transformer Engine|Apex).*")
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
 
     init_distributed(use_cuda=False)
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -72,7 +72,8 @@ def _trainer_stub(device: torch.device):
 def test_collectives_work_under_a_cuda_only_backend_map(fake_world):
     from train.guards import GuardConfig, StepGuard
     from train.layout import ParallelConfig, ParallelLayout
-    from train.parallel_engine import ParallelEngine, _GateContext, init_distributed
+    from train.distributed import init_distributed
+    from train.parallel_engine import ParallelEngine, _GateContext
     from train.parallelize import global_grad_norm
 
     init_distributed(use_cuda=True)
@@ -107,7 +108,7 @@ def test_collectives_work_under_a_cuda_only_backend_map(fake_world):
 def test_the_gpu_backend_serves_cpu_and_cuda_tensors():
     from torch.distributed.distributed_c10d import Backend, BackendConfig
 
-    from train.parallel_engine import process_group_backend
+    from train.distributed import process_group_backend
 
     assert BackendConfig(Backend(process_group_backend(True))).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
     assert process_group_backend(False) == "gloo"
@@ -157,7 +158,7 @@ def world_of_one(monkeypatch):
         port = s.getsockname()[1]
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(key, value)
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
 
     init_distributed(use_cuda=False)
     yield

@@ -33,12 +33,12 @@ TWO_RANKS = [
     "tp1_pp2_z1_ac-selective",
     "tp1_pp1_z3_load",  # load_model_state_dict into ZeRO-3 partitions
     "tp1_pp2_z1_split13",  # explicit pp_split [1, 3]
-    "tp1_pp1_z2_resume",  # DeepSpeed checkpoint save/load mid-run
+    "tp1_pp1_z2_resume",  # checkpoint save/load mid-run
     "tp1_pp2_z1_resume",
     "tp1_pp2_z1_bf16",  # bf16 smoke (fp32 masters + fp32 grad accumulation), loose bound
     "tp2_pp1_z1_bf16",
     "tp1_pp1_z1_bf16",  # DP2 bf16 ZeRO-1: DeepSpeedZeroOptimizer, fp32 accumulation, overlapped reduce
-    "tp1_pp1_z1_resume_bf16",  # ... and its DeepSpeed checkpoint round trip
+    "tp1_pp1_z1_resume_bf16",  # ... and its checkpoint round trip
 ]
 FOUR_RANKS = [
     "tp2_pp1_z1",  # TP2×DP2 ZeRO-1 / ZeRO-2

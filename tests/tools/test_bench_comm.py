@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from tools.benchmarks import comm
 from tools.plan_comm import dp_minimum, pp_bytes, ring, tp_difftron
-from train.collectives import COLLECTIVES, CollectiveCounter, sent_bytes
+from tools.benchmarks.collectives import COLLECTIVES, CollectiveCounter, sent_bytes
 
 CASES = ["tp1_pp1_dp2_z0", "tp1_pp1_dp2_z1_bf16", "tp1_pp1_dp2_z1_bf16_before", "tp2_pp1_dp1_z0", "tp1_pp2_dp1_z0"]
 SCALARS = 256  # grad-norm / overflow scalars DeepSpeed all-reduces over DP: a few bytes

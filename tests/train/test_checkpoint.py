@@ -17,6 +17,7 @@ from train.checkpoint import (
     MANIFEST,
     MODEL_PREFIX,
     CheckpointError,
+    Checkpointer,
     Sharded,
     checked_checkpoint,
     fragment_chunks,
@@ -225,3 +226,71 @@ def test_init_from_refuses_a_flipped_byte(flipped_run, embedded_shards, tmp_path
     assert main(argv) == 2
     _one_error_line(capsys.readouterr().err)
     assert not list((tmp_path / "new").glob("checkpoints/step_*"))
+
+
+# ----- train.checkpoint.Checkpointer: a run's checkpoints, without a trainer -------------------------
+class _Loader:
+    """What the Checkpointer needs of a data loader."""
+
+    tokenizer_path = None
+
+    def __init__(self) -> None:
+        self.state = {"next_step": 0}
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def _checkpointer(folder: Path, seed: int):
+    from omegaconf import OmegaConf
+
+    from model.llada import build_model
+    from tests.conftest import tiny_model_config
+    from train.guards import GuardConfig, RunGuard
+    from train.local_engine import LocalEngine
+
+    config = tiny_model_config()
+    engine = LocalEngine(build_model(config, seed=seed), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8,
+                         grad_clip=1.0, precision="fp32", device=torch.device("cpu"))
+    run_guard = RunGuard(GuardConfig())
+    yaml = OmegaConf.to_yaml(OmegaConf.create({"model": config.to_dict()}))
+    return Checkpointer(folder, engine, loader=_Loader(), run_guard=run_guard, model_config=config,
+                        config_yaml=yaml, keep_last=0, async_save=False), engine, run_guard
+
+
+def test_checkpointer_saves_and_restores_the_engine_the_loader_and_the_guard(tmp_path):
+    a, engine_a, guard_a = _checkpointer(tmp_path, seed=0)
+    guard_a.skip_windows, guard_a.counts["spike"] = [[2, 4]], 3
+    first = a.save(4, 6)
+    guard_a.counts["rollbacks"] = 1
+    second = a.save(8, 10)
+    assert [(c.name, d) for c, d in a.saved_data_steps()] == [(second.name, 10), (first.name, 6)]
+    b, engine_b, guard_b = _checkpointer(tmp_path, seed=1)
+    assert b.restore(first) == (4, 6)
+    assert b.loader.state == {"next_step": 6}
+    assert guard_b.skip_windows == [[2, 4]] and guard_b.counts == {"nonfinite": 0, "spike": 3, "rollbacks": 0}
+    want, got = engine_a.model_state_dict(), engine_b.model_state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in want.items())
+    found = b.resume(log=print)
+    assert found is not None and found[0] == second and found[1:] == (8, 10) and guard_b.counts["rollbacks"] == 1
+    b.discard_after(first, is_logging_rank=True)
+    assert [c.name for c, _ in b.saved_data_steps()] == [first.name]
+
+
+def test_checkpointer_restores_older_state_files(tmp_path):
+    a, _, _ = _checkpointer(tmp_path, seed=0)
+    ckpt = a.save(5, 5)
+    state = json.loads((ckpt / "state.json").read_text())
+    for key in ("data_step", "skip_windows", "guard_counts", "guard"):
+        state.pop(key)
+    state["skipped_steps"] = 2  # a checkpoint from before these fields existed
+    (ckpt / "state.json").write_text(json.dumps(state))
+    from train.checkpoint import _write_manifest
+
+    _write_manifest(ckpt)  # the manifest covers state.json
+    b, _, guard_b = _checkpointer(tmp_path, seed=1)
+    assert b.restore(ckpt) == (5, 5)
+    assert guard_b.counts == {"nonfinite": 2, "spike": 0, "rollbacks": 0} and guard_b.skip_windows == []

@@ -206,7 +206,7 @@ def test_k_spikes_in_a_row_roll_back_and_skip_the_data_window(tmp_path, embedded
     assert events[2]["checkpoint"] == "step_00000006" and events[2]["skip_window"] == [6, 8]
     # reference: a run that skips data steps 6..7 from the start, with no faults
     ref_trainer = small_run(tmp_path / "ref", embedded_shards, *common)
-    ref_trainer.skip_windows = [[6, 8]]
+    ref_trainer.run_guard.skip_windows = [[6, 8]]
     ref = ref_trainer.fit()
     assert [r["data_step"] for r in ref] == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]
     assert [r["loss"] for r in run[8:]] == [r["loss"] for r in ref[6:]]

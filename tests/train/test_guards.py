@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.config import ConfigError, load_config
-from train.guards import GuardConfig, StepGuard, bucket_row_stats, t_bucket_index
+from train.guards import GuardConfig, GuardError, RunGuard, StepGuard, bucket_row_stats, t_bucket_index
 
 B = 4
 # per-bucket row-loss mean and std: low t (bucket 0) is noisy, high t is not
@@ -123,3 +123,67 @@ def test_vetoed_steps_do_not_move_the_statistics_and_state_round_trips_through_j
 def test_bad_guard_config_is_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(None, [override], check_paths=False)
+
+
+# ----- the run-level state (train.guards.RunGuard), without a trainer ------------------------------
+def _gate(run: RunGuard, judge: bool = True):
+    gate = run.gate(torch.tensor([0.1, 0.9], dtype=torch.float64), judge_spikes=judge)
+    gate.decide(1.0, 1.0, gate.row_stats(torch.tensor([2.0, 5.0]), torch.ones(2)))
+    return gate
+
+
+def test_run_guard_skips_every_data_step_inside_the_skip_windows():
+    run = RunGuard(GuardConfig())
+    run.skip_windows = [[3, 5], [5, 7], [10, 11]]
+    assert [run.next_data_step(d) for d in (0, 2, 3, 4, 5, 6, 7, 10, 11)] == [0, 2, 7, 7, 7, 7, 7, 11, 11]
+
+
+def test_run_guard_counts_vetoed_steps_and_tracks_the_bad_streak():
+    run = RunGuard(GuardConfig(rollback_after=2))
+    run.record(_gate(run), None, 0)  # applied full-length: the statistics learn from it
+    assert int(run.guard.seen.sum()) == 2 and run.bad_streak == 0
+    run.record(_gate(run), "spike", 1)
+    run.record(_gate(run), "nonfinite", 2)
+    assert run.counts == {"nonfinite": 1, "spike": 1, "rollbacks": 0} and run.skipped_steps == 2
+    assert (run.bad_streak, run.bad_streak_start) == (2, 1) and run.rollback_due()
+    run.record(_gate(run, judge=False), None, 3)  # applied, random length: ends the streak, not learnt from
+    assert (run.bad_streak, run.bad_streak_start) == (0, None) and not run.rollback_due()
+    assert int(run.guard.seen.sum()) == 2
+    never = RunGuard(GuardConfig(rollback_after=0))
+    for d in range(5):
+        never.record(_gate(never), "spike", d)
+    assert not never.rollback_due()
+
+
+def test_run_guard_rolls_back_to_the_newest_checkpoint_before_the_streak():
+    run = RunGuard(GuardConfig(rollback_after=2, max_rollbacks=1))
+    for d in (6, 7):
+        run.record(_gate(run), "spike", d)
+    saved = [("step_8", 8), ("step_6", 6), ("step_4", 4)]  # newest first
+    plan = run.plan_rollback(8, iter(saved), "runs/x/checkpoints")
+    assert plan.target == "step_6" and plan.window == [6, 8] and "data steps 6..7" in plan.where
+    before = run.state_dict()
+    run.load_state_dict({"skip_windows": [], "guard_counts": {"spike": 0}})  # what the restore loads
+    run.rolled_back(plan, before)
+    assert run.skip_windows == [[6, 8]] and run.counts == {"nonfinite": 0, "spike": 2, "rollbacks": 1}
+    assert run.bad_streak == 0 and run.next_data_step(6) == 8
+    for d in (8, 9):
+        run.record(_gate(run), "spike", d)
+    with pytest.raises(GuardError, match="after 1 rollbacks already"):
+        run.plan_rollback(10, iter(saved), "runs/x/checkpoints")
+    with pytest.raises(GuardError, match="no checkpoint from before them in runs/x/checkpoints"):
+        run.plan_rollback(10, iter([("step_10", 10)]), "runs/x/checkpoints")
+
+
+def test_run_guard_state_round_trips_and_reads_older_checkpoints():
+    run = RunGuard(GuardConfig())
+    run.skip_windows = [[2, 4]]
+    run.record(_gate(run), None, 0)
+    run.record(_gate(run), "nonfinite", 1)
+    state = json.loads(json.dumps(run.state_dict()))
+    again = RunGuard(GuardConfig())
+    again.load_state_dict(state)
+    assert again.state_dict() == run.state_dict() and again.bad_streak == 0
+    old = RunGuard(GuardConfig())
+    old.load_state_dict({"step": 5, "skipped_steps": 3})  # before guard_counts and skip windows existed
+    assert old.counts == {"nonfinite": 3, "spike": 0, "rollbacks": 0} and old.skip_windows == []

@@ -1,6 +1,6 @@
 """``python -m tools.bench attention``: non-causal attention kernels side by side.
 
-Times every kernel ``train.performance.attention_kernels`` finds on the device (flash-attn 4/3/2
+Times every kernel ``tools.benchmarks.kernels.attention_kernels`` finds on the device (flash-attn 4/3/2
 when importable, PyTorch SDPA pinned to its cuDNN / flash / memory-efficient / math backends, and
 SDPA's own dispatch) at one shape, forward and forward+backward, checks each against SDPA's math
 backend, and names the fastest. Full size on GPU: batch 2, 32 heads, seq 4096, head dim 128, bf16
@@ -20,17 +20,17 @@ import sys
 
 import torch
 
-from train.performance import (
+from model.hf import DTYPES
+from tools.benchmarks.kernels import (
     attention_flops,
     attention_kernels,
     check_kernel,
-    resolve_device,
     time_attention,
 )
+from train.device import resolve_device
 
 FULL = dict(batch=2, heads=32, seq=4096, head_dim=128, dtype="bf16")
 TINY = dict(batch=1, heads=4, seq=256, head_dim=64, dtype="fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse(argv, description):
@@ -49,7 +49,7 @@ def parse(argv, description):
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv, __doc__.split("\n")[0])
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -101,7 +101,7 @@ def worker(out_path: str, folder: str, args) -> int:
     out["async_total"] = time.perf_counter() - start
     fresh = {k: Sharded(v.size, v.dtype, [Chunk(c.offsets, c.sizes, torch.empty(c.sizes)) for c in v.chunks])
              for k, v in state.items()}
-    ckpt = Path(folder) / "checkpoints" / "step_00000002"
+    ckpt = pending[0].path
     out["load"] = around(lambda: load_state(ckpt, fresh))
     same = all(torch.equal(a.tensor, b.tensor) for k in state for a, b in zip(state[k].chunks, fresh[k].chunks))
     out["load_equal"] = same

@@ -3,7 +3,7 @@ process group (TP, DP, PP), next to the minimum for the layout, and when the gra
 go out relative to the backward pass.
 
 Each layout is built by ``train.parallel_engine.build_parallel_engine`` on gloo (a tiny LLaDA),
-trains one warm-up step, then one counted step under ``train.collectives.CollectiveCounter``.
+trains one warm-up step, then one counted step under ``tools.benchmarks.collectives.CollectiveCounter``.
 A case is ``tp{T}_pp{P}_dp{D}_z{Z}[_sp][_bf16][_before]`` (world = T·P·D ranks; ``_before``: the
 DeepSpeed config before issue 16, ``deepspeed_config(..., overlap=False)``). Cases are grouped
 by world size, one ``torchrun`` per size. Formulas: docs/communication.md, ``tools.plan_comm``.
@@ -90,7 +90,7 @@ def run_case(name: str) -> dict:
     import torch.distributed as dist
 
     import train.parallelize as parallelize_module
-    from train.collectives import CollectiveCounter, bracket_backward
+    from tools.benchmarks.collectives import CollectiveCounter, bracket_backward
     from train.layout import ParallelConfig
     from train.parallel_engine import build_parallel_engine
 
@@ -147,7 +147,7 @@ def worker(out_path: str, cases: list[str]) -> int:
     import torch.distributed as dist
 
     warnings.filterwarnings("ignore")
-    from train.parallel_engine import init_distributed
+    from train.distributed import init_distributed
 
     init_distributed(use_cuda=False)
     results = {}

@@ -24,23 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.hf import DTYPES
 from model.llada import LLaDABlock, rope_tables
-from train.hardware import peak_flops
-from train.performance import (
+from tools.benchmarks.kernels import (
     KERNELS,
     apply_attention,
-    choose_attention,
     attention_flops,
     attention_kernels,
-    compile_blocks,
-    resolve_device,
+    choose_attention,
     time_call,
     time_interleaved,
 )
+from train.device import compile_blocks, resolve_device
+from train.hardware import peak_flops
 
 FULL = dict(d_model=4096, heads=32, ffn=12288, seq=4096, batch=1, dtype="bf16")
 TINY = dict(d_model=256, heads=2, ffn=768, seq=256, batch=1, dtype="fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = "targets on one H100: >= 580 TFLOP/s with FA2, >= 640 with FA3/cuDNN-class attention"
 
 
@@ -118,7 +117,7 @@ def parse(argv):
     p.add_argument("--batch", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--attention", default="pick", help=f"'pick' (fastest measured) or one of {', '.join(KERNELS)}")
-    p.add_argument("--compile", action="store_true", help="torch.compile the block (train.performance.compile_blocks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the block (train.device.compile_blocks)")
     p.add_argument("--checkpointing", choices=["none", "selective"], default="none")
     p.add_argument("--square", type=int, default=None, help="square GEMM size (default 8192 on GPU, 512 on CPU; 0 skips)")
     p.add_argument("--warmup", type=int, default=2)
@@ -129,7 +128,7 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,17 +27,16 @@ import torch
 from model.config import ModelConfig
 from model.llada import LLaDAModel
 from model.objective import draw_noise, forward_process
-from train.engine import MicroBatch
-from train.local_engine import LocalEngine
-from train.hardware import current_device_name, mfu
-from train.performance import (
+from tools.benchmarks.kernels import (
     KERNELS,
-    choose_attention,
     apply_attention,
-    compile_blocks,
-    resolve_device,
+    choose_attention,
     time_call,
 )
+from train.device import compile_blocks, resolve_device
+from train.engine import MicroBatch
+from train.hardware import current_device_name, mfu
+from train.local_engine import LocalEngine
 
 FULL = dict(layers=8, d_model=4096, heads=32, ffn=12288, vocab=126464, seq=4096, micro_batch=1, micro_batches=2, precision="bf16")
 TINY = dict(layers=4, d_model=256, heads=4, ffn=768, vocab=4096, seq=128, micro_batch=4, micro_batches=2, precision="fp32")
@@ -80,7 +79,7 @@ def parse(argv):
         p.add_argument(f"--{k.replace('_', '-')}", type=int)
     p.add_argument("--precision", choices=["bf16", "fp32"])
     p.add_argument("--attention", default="pick", help=f"'pick' (fastest measured) or one of {', '.join(KERNELS)}")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (train.performance.compile_blocks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (train.device.compile_blocks)")
     p.add_argument("--checkpointing", choices=["none", "selective", "full"], default="none")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -90,7 +89,7 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         size = dict(TINY if args.tiny or device.type != "cuda" else FULL)
         for k in size:
             if getattr(args, k) is not None:

@@ -1,4 +1,4 @@
-"""GPU fast-path helpers: attention kernel choice, per-block ``torch.compile``, pinned transfers.
+"""Attention kernels for the benchmarks: which can run here, timing them, picking the fastest.
 
 Everything here imports and runs on CPU; the GPU-only kernels (flash-attn 2/3/4, SDPA's cuDNN /
 flash / memory-efficient backends) are looked up lazily and reported as unavailable with a reason
@@ -17,7 +17,7 @@ Attention kernels (all non-causal; q, k, v ``[B, H, S, D]`` -> ``[B, H, S, D]``)
 shape and returns the fastest that matches SDPA's output; :func:`apply_attention` installs the
 choice on an ``LLaDAModel`` through ``model.set_attention_backend`` (``fa2`` -> ``"flash"``,
 ``sdpa_*`` -> ``"sdpa"`` plus :meth:`AttentionChoice.context` around forward). ``fa3``/``fa4`` need
-``model.attention`` to know those names (see perf-readme.md); until it does,
+``model.attention`` to know those names; until it does,
 :func:`apply_attention` raises a clear error for them and :func:`pick_attention` can exclude them
 with ``for_model=True``.
 """
@@ -46,15 +46,6 @@ SDPA_BACKENDS = {
 MODEL_BACKEND = {"fa2": "flash", "fa3": "fa3", "fa4": "fa4", "sdpa": "sdpa", **{k: "sdpa" for k in SDPA_BACKENDS}}
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU raises ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 # ----- kernel lookup ----------------------------------------------------------------------------
@@ -324,64 +315,3 @@ def apply_attention(model: nn.Module, choice: AttentionChoice | str) -> Attentio
         )
     model.set_attention_backend(backend)
     return choice
-
-
-# ----- torch.compile per block ------------------------------------------------------------------
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` each transformer block in place (``nn.Module.compile``), so parameter names,
-    ``state_dict`` keys, hooks and checkpointing wrappers are unchanged. Fuses RMSNorm, RoPE and
-    the SwiGLU product into a few kernels per block; identical blocks share one compiled graph.
-    Returns ``model``. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``).
-    """
-    blocks = getattr(getattr(model, "transformer", None), "blocks", None)
-    if blocks is None:
-        raise ValueError("compile_blocks: the model has no transformer.blocks (expected an LLaDAModel)")
-    for block in blocks:
-        block.compile(**compile_kwargs)
-    return model
-
-
-# ----- host -> device transfer ------------------------------------------------------------------
-def to_device(batch, device: torch.device | str, *, pin: bool = True):
-    """Move a tensor, or a dataclass/dict/list/tuple of tensors (e.g. ``train.engine.MicroBatch``),
-    to ``device``. On CUDA, CPU tensors are pinned first and copied with ``non_blocking=True`` so
-    the copy overlaps compute; on CPU (or when already there) the same objects come back unchanged.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return batch
-
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "cpu" and pin and torch.cuda.is_available():
-                x = x.pin_memory()
-            return x.to(device, non_blocking=True)
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(move(v) for v in x)
-        if hasattr(x, "__dataclass_fields__"):
-            return type(x)(**{f: move(getattr(x, f)) for f in x.__dataclass_fields__})
-        return x
-
-    return move(batch)
-
-
-# ----- DeepSpeed communication overlap ----------------------------------------------------------
-def zero_overlap_settings(zero_stage: int, bucket_elements: int = 500_000_000) -> dict:
-    """The ``zero_optimization`` fragment of a DeepSpeed config that overlaps gradient reduction
-    with backward: ``overlap_comm`` and contiguous gradients with ``bucket_elements`` per bucket
-    (DeepSpeed's default 5e8; 2e8 often overlaps better at 8B on NVLink). Stage 3 also prefetches
-    the next layers' parameters."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
-    if zero_stage == 0:
-        return {"stage": 0}
-    out = {
-        "stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-        "reduce_scatter": True, "reduce_bucket_size": bucket_elements, "allgather_bucket_size": bucket_elements,
-    }
-    if zero_stage == 3:
-        out.pop("allgather_bucket_size")
-        out.update({"stage3_prefetch_bucket_size": bucket_elements, "stage3_param_persistence_threshold": 100_000})
-    return out

@@ -1,4 +1,4 @@
-"""GPU fast-path helpers, exercised on CPU: kernel lookup and choice, compile, transfers."""
+"""tools/benchmarks/kernels.py, exercised on CPU: attention kernel lookup, checking, choice, timing."""
 
 from __future__ import annotations
 
@@ -8,19 +8,15 @@ import torch
 from model.attention import BACKENDS
 from model.llada import build_model
 from tests.conftest import tiny_model_config
-from train.engine import MicroBatch
-from train.performance import (
+from tools.benchmarks.kernels import (
     AttentionChoice,
     apply_attention,
     attention_flops,
     attention_kernels,
     check_kernel,
-    compile_blocks,
     pick_attention,
     sdpa_context,
     time_interleaved,
-    to_device,
-    zero_overlap_settings,
 )
 
 SHAPE = (1, 2, 32, 16)
@@ -88,46 +84,8 @@ def test_attention_flops_match_the_model_count():
     assert f["fwd_bwd_fa"] == pytest.approx(3.5 * f["fwd"])
 
 
-@pytest.mark.slow
-def test_compile_blocks_keeps_names_and_outputs():
-    cfg = tiny_model_config()
-    eager = build_model(cfg, seed=0)
-    compiled = compile_blocks(build_model(cfg, seed=0))
-    assert list(compiled.state_dict()) == list(eager.state_dict())
-    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    a, b = eager(ids), compiled(ids)
-    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    a.float().square().mean().backward()
-    b.float().square().mean().backward()
-    for (name, pa), (_, pb) in zip(eager.named_parameters(), compiled.named_parameters()):
-        assert torch.allclose(pa.grad, pb.grad, atol=1e-4, rtol=1e-3), name
-
-
-def test_compile_blocks_rejects_other_modules():
-    with pytest.raises(ValueError, match="transformer.blocks"):
-        compile_blocks(torch.nn.Linear(2, 2))
-
-
-def test_to_device_is_a_no_op_on_cpu():
-    mb = MicroBatch(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long),
-                    torch.zeros(2, 4, dtype=torch.bool), torch.ones(2), torch.ones(2))
-    assert to_device(mb, "cpu") is mb
-    batch = {"x": torch.ones(3)}
-    assert to_device(batch, torch.device("cpu")) is batch
-
-
 def test_time_interleaved_gives_one_positive_median_per_function():
     calls = []
     out = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", warmup=1, repeats=3)
     assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating order
-
-
-def test_zero_overlap_settings():
-    z2 = zero_overlap_settings(2, bucket_elements=200_000_000)
-    assert z2["overlap_comm"] and z2["contiguous_gradients"] and z2["reduce_bucket_size"] == 200_000_000
-    z3 = zero_overlap_settings(3)
-    assert z3["stage"] == 3 and "stage3_prefetch_bucket_size" in z3
-    assert zero_overlap_settings(0) == {"stage": 0}
-    with pytest.raises(ValueError, match="zero_stage"):
-        zero_overlap_settings(4)
