@@ -10,7 +10,7 @@ import pytest
 
 from data.loader import build_loader
 from tests.conftest import REPO, run_module
-from tools.demo import bucket_means
+from tools.demo import bucket_means, unigram_entropy
 from train.config import load_config
 
 STEPS = 12
@@ -21,6 +21,24 @@ def entropy(tokens) -> float:
     counts = Counter(tokens)
     n = sum(counts.values())
     return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def miller_madow(tokens) -> float:
+    counts = Counter(tokens)
+    return entropy(tokens) + (len(counts) - 1) / (2 * sum(counts.values()))
+
+
+def test_unigram_entropy_estimators_against_a_hand_computed_sample():
+    # tokens 5 5 7 9: frequencies 1/2, 1/4, 1/4 (ids not seen count nothing)
+    plug_in = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))  # 1.0397...
+    out = unigram_entropy([0, 0, 0, 0, 0, 2, 0, 1, 0, 1])  # bincount of 5 5 7 9 over ids 0..9
+    assert out["types"] == 3 and out["tokens"] == 4
+    assert out["plug_in"] == pytest.approx(plug_in, abs=1e-12)
+    assert out["miller_madow"] == pytest.approx(plug_in + (3 - 1) / (2 * 4), abs=1e-12)  # + 0.25
+    # one type: no uncertainty, both zero; the correction vanishes as N grows for fixed K
+    assert unigram_entropy([4]) == {"plug_in": 0.0, "miller_madow": 0.0, "types": 1, "tokens": 4}
+    big = unigram_entropy([1000, 1000])
+    assert big["plug_in"] == pytest.approx(math.log(2)) and big["miller_madow"] - big["plug_in"] == pytest.approx(1 / 4000)
 
 
 def split_tokens(cfg, split: str, batches: int) -> list[int]:
@@ -71,7 +89,9 @@ def test_unigram_references_are_computed_on_the_evaluated_validation_tokens(demo
     _, stdout, summary, _, cfg = demo
     val = split_tokens(cfg, "validation", EVAL_BATCHES)
     assert summary["validation_tokens"] == len(val) == EVAL_BATCHES * cfg.train.global_batch_size * cfg.train.seq_len
-    assert summary["unigram_entropy"] == pytest.approx(entropy(val), abs=1e-9)
+    assert summary["unigram_entropy_plug_in"] == pytest.approx(entropy(val), abs=1e-9)
+    assert summary["unigram_entropy"] == pytest.approx(miller_madow(val), abs=1e-9)
+    assert summary["validation_types"] == len(set(val))
     # not the entropy of as many training tokens (the test tells the two apart)
     assert abs(entropy(split_tokens(cfg, "train", EVAL_BATCHES)) - entropy(val)) > 1e-3
     # the held-out reference: add-1/2 unigram counts of one epoch of the training split, scored on `val`
@@ -84,8 +104,11 @@ def test_unigram_references_are_computed_on_the_evaluated_validation_tokens(demo
     assert summary["unigram_training_tokens"] == total
     assert summary["unigram_cross_entropy"] == pytest.approx(cross, rel=1e-9)
     assert summary["unigram_cross_entropy"] > summary["unigram_entropy"]  # the in-sample fit is the lower one
-    assert f"on the same validation tokens: {cross:.3f}" in stdout
-    assert "unigram entropy of the same validation tokens" in stdout and f"{entropy(val):.3f}" in stdout
+    assert f"scored on the same validation tokens: {cross:.3f}" in stdout
+    assert (f"unigram entropy of the same validation tokens (Miller-Madow estimate: plug-in {entropy(val):.3f}"
+            f" + (K-1)/2N with K = {len(set(val)):,} types): {miller_madow(val):.3f}") in stdout
+    below = miller_madow(val) - summary["bound_end"]["value"]
+    assert f"-> the bound is {abs(below):.2f} nats {'below' if below >= 0 else 'ABOVE'} it" in stdout
 
 
 @pytest.mark.slow
