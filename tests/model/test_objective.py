@@ -9,10 +9,10 @@ from model.objective import (
     draw_noise,
     forward_process,
     masked_token_losses,
-    pretraining_loss,
     random_length,
-    sft_loss,
+    row_weights,
     time_from_uniform,
+    weighted_loss,
 )
 from tests.conftest import tiny_model_config
 
@@ -39,7 +39,7 @@ def test_loss_equals_direct_transcription_of_llada_formula():
     noisy, masked = forward_process(input_ids, noise, MASK)
     assert torch.equal(noisy, noisy_batch)
     per_sample = masked_token_losses(model(noisy), input_ids, masked, noise.p_mask)
-    ours = pretraining_loss(per_sample, b, l)
+    ours = weighted_loss(per_sample, row_weights(b, l, b))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
 
 
@@ -70,7 +70,7 @@ def test_sft_loss_normalizes_by_answer_length():
     per_sample = torch.tensor([6.0, 10.0])
     prompt_lengths = torch.tensor([4, 8])
     # answer lengths 6 and 2 at seq_len 10: (6/6 + 10/2) / 2 = 3
-    assert sft_loss(per_sample, prompt_lengths, 10, 2).item() == 3.0
+    assert weighted_loss(per_sample, row_weights(2, 10, 2, prompt_lengths)).item() == 3.0
 
 
 def test_noise_is_identical_for_the_same_global_samples_in_any_order_or_split():
