@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from model.llada import build_model
 from model.config import ModelConfig
 from train.layout import ParallelConfig, ParallelLayout
+from tests.distributed.test_gpu_path import world_of_one  # noqa: F401 (a fixture)
 from train.parallelize import NO_CLIP, deepspeed_config, drawn_full_tensor, full_shape, shard_of
 
 
@@ -52,25 +53,11 @@ def test_deepspeed_config_matches_layout():
 
 # ----- the parallel layers are model.llada's block and head, the loss is model.objective's --------
 @pytest.fixture
-def tp1_world(monkeypatch):
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(key, value)
+def tp1_world(world_of_one):
     from megatron.core import parallel_state as ps
 
-    from train.parallel_engine import init_distributed
-
-    init_distributed(use_cuda=False)
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _layer_options(config: ModelConfig, checkpointing: str = "none"):
