@@ -14,8 +14,10 @@ in fp32 with the rotate-half convention and theta 500000; no biases anywhere; MH
 
 Parameter names equal LLaDA's Hugging Face names without the leading ``model.``
 (``transformer.blocks.3.q_proj.weight`` <-> ``model.transformer.blocks.3.q_proj.weight``), so HF
-conversion is a prefix, not a table. This module knows nothing of process groups; parallelism is
-applied to a built model by ``train.parallelize``.
+conversion is a prefix, not a table. This module knows nothing of process groups. The block and
+the head exist once, here: ``train.parallelize`` builds its tensor-parallel layers from
+:class:`LLaDABlock` and :func:`lm_head` through their seams (the projection factory, the share of
+heads, the ``[s, b, d]`` layout), and activation checkpointing is the block's in every layout.
 """
 
 from __future__ import annotations

@@ -18,6 +18,14 @@ Two choices beyond the reference code, both on by default and both switchable:
   strata of [0, 1) (the strata are shuffled per step), which lowers the variance of the bound's
   estimate without biasing it (each t is still marginally U(0, 1)).
 
+The loss exists once, here, for every engine and test: :func:`forward_process`, the per-row
+masked CE :func:`masked_token_losses` (its cross-entropy function is a parameter, so the
+tensor-parallel head passes megatron's vocab-parallel one), the row weights :func:`row_weights`
+(1/(G·L) pretraining, 1/(G·answer_len) SFT) summed by :func:`weighted_loss`, the run's
+:class:`Objective` (pretraining or SFT, chosen once: step length, noise, masks, weights) and the
+t-bucket helper (:func:`t_bucket_index`, :func:`bucket_row_stats`) of the loss-by-t metrics and
+the step guard.
+
 Convention: a sample's global index is ``step · global_batch_size + j`` with ``j`` its position
 in the step's global batch; the data loader produces these indices.
 """

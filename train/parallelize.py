@@ -2,16 +2,18 @@
 and the DeepSpeed engine (ZeRO, clipping, bf16 with fp32 masters).
 
 The single-device model (``model.llada``) is the source of truth for the math and the names. Here
-its layers are rebuilt as a flat list ``[embedding, block_0 .. block_{L-1}, head]`` in which
+the model becomes a flat list ``[embedding, block_0 .. block_{L-1}, head]`` in which
 
-- ``q_proj``/``k_proj``/``v_proj``/``ff_proj``/``up_proj`` are megatron-core
-  ``ColumnParallelLinear`` (each rank owns whole heads / a slice of the SwiGLU width),
-  ``attn_out``/``ff_out`` are ``RowParallelLinear``, ``wte`` is ``VocabParallelEmbedding`` and the
-  head is a column-parallel projection whose vocab-sharded logits go straight into
-  ``vocab_parallel_cross_entropy`` at the masked positions (full-vocabulary logits are never
-  gathered in training);
-- norms, RoPE and attention reuse ``model.llada``/``model.attention`` (flash-attn on GPU when
-  installed, SDPA otherwise);
+- each block is ``model.llada.LLaDABlock`` itself (``TransformerLayer``), built with
+  :func:`tensor_parallel_linear` as its projection factory: ``q_proj``/``k_proj``/``v_proj``/
+  ``ff_proj``/``up_proj`` are megatron-core ``ColumnParallelLinear`` (each rank owns whole heads /
+  a slice of the SwiGLU width), ``attn_out``/``ff_out`` are ``RowParallelLinear``; norms, RoPE,
+  attention (flash-attn on GPU when installed, SDPA otherwise), residuals, SwiGLU and activation
+  checkpointing are the block's own code;
+- ``wte`` is ``VocabParallelEmbedding`` and the head is ``model.llada.lm_head`` with a
+  column-parallel projection whose vocab-sharded logits go straight into
+  ``model.objective.masked_token_losses`` with megatron's ``vocab_parallel_cross_entropy`` at the
+  masked positions (full-vocabulary logits are never gathered in training);
 - activations between layers are ``[s, b, d]`` (megatron's layout; sequence parallelism splits
   ``s`` across the TP group).
 
@@ -24,7 +26,8 @@ the training dtype.
 
 Pipeline parallelism uses DeepSpeed's ``PipelineModule`` (1F1B) with a topology that mirrors
 megatron's rank order; PP=1 uses a plain ``DeepSpeedEngine`` with megatron's groups given through
-``mpu=``. See ``.notes/parallel-readme.md`` for the reasons.
+``mpu=``. The optimizer is ``train.local_engine.build_optimizer``'s AdamW (the same as one
+process). Private DeepSpeed/megatron/torch touches are functions in ``train.internals``.
 """
 
 from __future__ import annotations
