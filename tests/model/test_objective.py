@@ -162,4 +162,4 @@ def test_one_t_bucket_helper_for_metrics_and_guard():
     t = torch.tensor([0.0, 0.9166666269302368, 0.5, 1.0])  # fp32 t·12 rounds up to 11.0; in fp64 it is bucket 10
     assert t_bucket_index(t, 12).tolist() == [0, 10, 6, 11]
     stats = bucket_row_stats(t_bucket_index(t, 2), torch.tensor([1.0, 2.0, 3.0, 4.0]), 2)
-    assert stats.tolist() == [[2, 2], [3, 7], [5, 25]]
+    assert stats.tolist() == [[1, 3], [1, 9], [1, 29]]  # count, Σx, Σx² per bucket
