@@ -14,8 +14,10 @@ in fp32 with the rotate-half convention and theta 500000; no biases anywhere; MH
 
 Parameter names equal LLaDA's Hugging Face names without the leading ``model.``
 (``transformer.blocks.3.q_proj.weight`` <-> ``model.transformer.blocks.3.q_proj.weight``), so HF
-conversion is a prefix, not a table. This module knows nothing of process groups; parallelism is
-applied to a built model by ``train.parallelize``.
+conversion is a prefix, not a table. This module knows nothing of process groups. The block and
+the head exist once, here: ``train.parallelize`` builds its tensor-parallel layers from
+:class:`LLaDABlock` and :func:`lm_head` through their seams (the projection factory, the share of
+heads, the ``[s, b, d]`` layout), and activation checkpointing is the block's in every layout.
 """
 
 from __future__ import annotations
@@ -69,55 +71,128 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
-class LLaDABlock(nn.Module):
-    """One pre-norm block: bidirectional attention then SwiGLU, each with a residual."""
+def plain_linear(n_in: int, n_out: int, kind: str) -> nn.Module:
+    """The default projection factory: a bias-free ``nn.Linear``. ``kind`` says how a parallel
+    factory would split it: ``"column"`` (output features: q/k/v, gate, up, the LM head) or
+    ``"row"`` (input features: ``attn_out``, the block's ``ff_out``); one device ignores it."""
+    return nn.Linear(n_in, n_out, bias=False)
 
-    def __init__(self, config: ModelConfig) -> None:
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def recomputed(fn, *args, when: bool):
+    """``fn(*args)``, recomputed in backward instead of keeping its intermediates when ``when``
+    (and autograd is on): the same ops run again, so the numbers are identical."""
+    if when and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm block: bidirectional attention then SwiGLU, each with a residual.
+
+    ``forward(x, cos=None, sin=None, key_padding_mask=None)``: ``x`` is ``[b, s, d]``, or
+    ``[s, b, d]`` with ``sequence_first``; without ``cos``/``sin`` the RoPE tables are made for
+    positions ``0..s-1``.
+
+    Seams for ``train.parallelize`` (defaults = one device): ``linear(n_in, n_out, kind)`` builds
+    the projections (see :func:`plain_linear`; a tensor-parallel factory returns modules whose
+    ``forward`` returns the local output tensor); ``shards`` = how many ranks split the heads and
+    the SwiGLU width (this block holds ``n_heads / shards`` query heads and
+    ``n_kv_heads / shards`` key/value heads); ``sequence_first`` = the ``[s, b, d]`` layout.
+    Parameter names are the same in every case (``q_proj.weight``, ...).
+
+    Activation checkpointing (set by :meth:`LLaDAModel.set_activation_checkpointing` or the
+    parallel builder): ``checkpointing`` is ``none``, ``selective`` (recompute the attention core
+    and the SwiGLU product) or ``full`` (recompute the whole block from its input);
+    ``recompute_elementwise`` also recomputes RMSNorm and silu·up in backward (keeps their bf16
+    inputs instead of fp32 intermediates; identical numbers; off under ``full``).
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, linear=plain_linear, shards: int = 1, sequence_first: bool = False
+    ) -> None:
         super().__init__()
         d, kv, f = config.d_model, config.kv_dim, config.mlp_hidden_size
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads = config.n_heads // shards, config.n_kv_heads // shards
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.sequence_first = sequence_first
+        # attribute order = LLaDA's, so state dicts list names in its order
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
+        self.q_proj = linear(d, d, "column")
+        self.k_proj = linear(d, kv, "column")
+        self.v_proj = linear(d, kv, "column")
+        self.attn_out = linear(d, d, "row")
         self.ff_norm = RMSNorm(d, config.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, f, bias=False)  # the SwiGLU gate (SiLU is applied to it)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.ff_out = nn.Linear(f, d, bias=False)  # the down projection
+        self.ff_proj = linear(d, f, "column")  # the SwiGLU gate (SiLU is applied to it)
+        self.up_proj = linear(d, f, "column")
+        self.ff_out = linear(f, d, "row")  # the down projection
         self.attention_backend = "auto"
-        self.selective_checkpointing = False
+        self.checkpointing = "none"
+        self.recompute_elementwise = False
 
+    # ----- layout: [b, s, d] or [s, b, d] <-> heads [b, n, s, head_dim] ---------------------------
+    def _split_heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        if self.sequence_first:
+            s, b = t.shape[:2]
+            return t.view(s, b, n, self.head_dim).permute(1, 2, 0, 3)
+        b, s = t.shape[:2]
+        return t.view(b, s, n, self.head_dim).transpose(1, 2)
+
+    def _merge_heads(self, a: torch.Tensor) -> torch.Tensor:
+        b, s = a.shape[0], a.shape[2]
+        if self.sequence_first:
+            return a.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return a.transpose(1, 2).reshape(b, s, -1)
+
+    # ----- the parts that checkpointing recomputes ------------------------------------------------
     def _attention(self, q, k, v, key_padding_mask):
         return attention(q, k, v, key_padding_mask, backend=self.attention_backend)
 
     def _swiglu(self, m: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.ff_proj(m)) * self.up_proj(m)
+        # with recompute_elementwise keep gate and up, not silu(gate) as well (-2·s·b·f/t bytes)
+        return recomputed(silu_mul, self.ff_proj(m), self.up_proj(m), when=self._elementwise())
+
+    def _elementwise(self) -> bool:
+        return self.recompute_elementwise and self.checkpointing != "full"
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        # with recompute_elementwise keep the bf16 input, not RMSNorm's fp32 copies (-8·s·b·h/t bytes)
+        return recomputed(norm, x, when=self._elementwise())
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
-        n = self.attn_norm(x)
-        q = self.q_proj(n).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(n).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(n).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            return checkpoint(self._block, x, cos, sin, key_padding_mask, use_reentrant=False)
+        return self._block(x, cos, sin, key_padding_mask)
+
+    def _block(self, x, cos, sin, key_padding_mask) -> torch.Tensor:
+        selective = self.checkpointing == "selective"
+        n = self._norm(self.attn_norm, x)
+        q = self._split_heads(self.q_proj(n), self.n_heads)
+        k = self._split_heads(self.k_proj(n), self.n_kv_heads)
+        v = self._split_heads(self.v_proj(n), self.n_kv_heads)
+        if cos is None:  # positions 0..s-1 (s of the heads: the whole sequence under sequence parallelism)
+            b, s = q.shape[0], q.shape[2]
+            cos, sin = rope_tables(torch.arange(s, device=x.device).expand(b, s), self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.selective_checkpointing and torch.is_grad_enabled():
-            a = checkpoint(self._attention, q, k, v, key_padding_mask, use_reentrant=False)
-        else:
-            a = self._attention(q, k, v, key_padding_mask)
-        h = x + self.attn_out(a.transpose(1, 2).reshape(b, s, -1))
-        m = self.ff_norm(h)
-        if self.selective_checkpointing and torch.is_grad_enabled():
-            g = checkpoint(self._swiglu, m, use_reentrant=False)
-        else:
-            g = self._swiglu(m)
-        return h + self.ff_out(g)
+        a = recomputed(self._attention, q, k, v, key_padding_mask, when=selective)
+        h = x + self.attn_out(self._merge_heads(a))
+        m = self._norm(self.ff_norm, h)
+        return h + self.ff_out(recomputed(self._swiglu, m, when=selective))
+
+
+def lm_head(ln_f: RMSNorm, ff_out: nn.Module, x: torch.Tensor, recompute_norm: bool = False) -> torch.Tensor:
+    """The head: ``ff_out(ln_f(x))`` (logits at i predict token i). ``recompute_norm`` keeps the
+    input instead of RMSNorm's fp32 intermediates for backward (identical numbers)."""
+    return ff_out(recomputed(ln_f, x, when=recompute_norm))
 
 
 class LLaDAModel(nn.Module):
@@ -149,12 +224,12 @@ class LLaDAModel(nn.Module):
     # ----- options applied after construction (by train.parallelize or tools) ------------------
     def set_activation_checkpointing(self, mode: str) -> None:
         """``none``; ``selective`` (recompute attention cores and SwiGLU products); ``full``
-        (recompute every block from its input)."""
+        (recompute every block from its input). See :class:`LLaDABlock`."""
         if mode not in CHECKPOINTING_MODES:
             raise ValueError(f"activation checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
         self.activation_checkpointing = mode
         for block in self.transformer.blocks:
-            block.selective_checkpointing = mode == "selective"
+            block.checkpointing = mode
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.transformer.blocks:
@@ -175,16 +250,12 @@ class LLaDAModel(nn.Module):
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.transformer.wte(input_ids)
-        full = self.activation_checkpointing == "full" and torch.is_grad_enabled()
         for block in self.transformer.blocks:
-            if full:
-                x = checkpoint(block, x, cos, sin, attention_mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, attention_mask)
+            x = block(x, cos, sin, attention_mask)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer.ff_out(self.transformer.ln_f(x))
+        return lm_head(self.transformer.ln_f, self.transformer.ff_out, x)
 
 
 def init_std_of(name: str, init_std: float, n_layers: int) -> float | None:

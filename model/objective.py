@@ -18,6 +18,14 @@ Two choices beyond the reference code, both on by default and both switchable:
   strata of [0, 1) (the strata are shuffled per step), which lowers the variance of the bound's
   estimate without biasing it (each t is still marginally U(0, 1)).
 
+The loss exists once, here, for every engine and test: :func:`forward_process`, the per-row
+masked CE :func:`masked_token_losses` (its cross-entropy function is a parameter, so the
+tensor-parallel head passes megatron's vocab-parallel one), the row weights :func:`row_weights`
+(1/(G·L) pretraining, 1/(G·answer_len) SFT) summed by :func:`weighted_loss`, the run's
+:class:`Objective` (pretraining or SFT, chosen once: step length, noise, masks, weights) and the
+t-bucket helper (:func:`t_bucket_index`, :func:`bucket_row_stats`) of the loss-by-t metrics and
+the step guard.
+
 Convention: a sample's global index is ``step · global_batch_size + j`` with ``j`` its position
 in the step's global batch; the data loader produces these indices.
 """
@@ -143,24 +151,35 @@ def forward_process(
     return noisy, masked
 
 
+def cross_entropy_per_token(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[n, V]`` logits, ``[n]`` targets -> ``[n]`` cross-entropies (the default of
+    :func:`masked_token_losses`; a vocab-parallel head passes megatron's
+    ``vocab_parallel_cross_entropy``, which has this signature)."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def masked_token_losses(
-    logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, p_mask: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    cross_entropy=cross_entropy_per_token,
 ) -> torch.Tensor:
     """Per-sample ``Σ_{masked i} CE(logits_i, targets_i) / p_mask`` in fp32, shape ``[B]``.
 
+    ``logits`` is ``[B, S, V]`` (or ``[B, S, V/tp]`` with a vocab-parallel ``cross_entropy``).
     Cross-entropy is computed only at masked positions (about half of them), never with a shift.
     """
     rows = masked.nonzero(as_tuple=True)[0]
-    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+    ce = cross_entropy(logits[masked].float(), targets[masked])
     per_sample = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
     return per_sample.index_add(0, rows, ce / p_mask[rows].float())
 
 
-def pretraining_loss(per_sample: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
-    """LLaDA's normalization: the masked, 1/p_mask-weighted CE summed over the batch, divided by
-    ``batch_size · seq_len`` (every position counts, masked or not). ``batch_size`` is the global
-    batch when the sum covers one micro-batch of it."""
-    return per_sample.sum() / (batch_size * seq_len)
+def weighted_loss(per_sample: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """The loss of a (micro-)batch: ``Σ_rows row_weight · per_sample``. With :func:`row_weights`
+    the sum over all micro-batches of all data-parallel ranks is the global batch's loss."""
+    return (per_sample * row_weight.float()).sum()
 
 
 def answer_lengths(prompt_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -168,17 +187,92 @@ def answer_lengths(prompt_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (seq_len - prompt_lengths).clamp(min=1)
 
 
-def sft_loss(per_sample: torch.Tensor, prompt_lengths: torch.Tensor, seq_len: int, batch_size: int) -> torch.Tensor:
-    """LLaDA's SFT normalization: each row's sum divided by its answer length, summed, divided by
-    ``batch_size`` (the global batch when the sum covers one micro-batch of it)."""
-    return (per_sample / answer_lengths(prompt_lengths, seq_len).to(per_sample)).sum() / batch_size
+def row_weights(
+    global_batch_size: int, seq_len: int, rows: int, prompt_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The loss weight of each of ``rows`` rows (fp32 ``[rows]``), for :func:`weighted_loss`.
+
+    Pretraining (``prompt_lengths`` None; LLaDA Eq. 3): ``1 / (G · L)``: every position counts,
+    masked or not. SFT (LLaDA Eq. 5): ``1 / (G · answer_length)`` per row (prompt excluded, EOS
+    padding included). ``G`` is the global batch, so micro-batch and data-parallel sums add up.
+    """
+    if prompt_lengths is None:
+        return torch.full((rows,), 1.0 / (global_batch_size * seq_len))
+    return (1.0 / (global_batch_size * answer_lengths(prompt_lengths, seq_len).double())).float()
 
 
-def t_bucket_sums(
-    t: torch.Tensor, values: torch.Tensor, num_buckets: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums and counts of ``values`` by equal-width buckets of t (for loss-by-t metrics)."""
-    bucket = (t * num_buckets).long().clamp(0, num_buckets - 1)
-    sums = torch.zeros(num_buckets, dtype=torch.float64).index_add(0, bucket.cpu(), values.double().cpu())
-    counts = torch.zeros(num_buckets, dtype=torch.float64).index_add(0, bucket.cpu(), torch.ones_like(values, dtype=torch.float64).cpu())
-    return sums, counts
+@dataclass
+class Prepared:
+    """A batch after the forward process: what the model sees and what the loss needs."""
+
+    noisy: torch.Tensor  # [B, L] x_t
+    targets: torch.Tensor  # [B, L] x_0
+    masked: torch.Tensor  # [B, L] bool
+    p_mask: torch.Tensor  # [B]
+    row_weight: torch.Tensor  # [B] fp32, see row_weights
+    t: torch.Tensor  # [B] diffusion times
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training objective of a run, chosen once: ``sft=False`` pretraining (random lengths
+    with ``random_length_prob``), ``sft=True`` LLaDA's SFT (prompt never masked, each global batch
+    padded to its longest example, answer-length weights). Batches are the data loader's dicts
+    (``input_ids``, ``sample_index``; SFT also ``prompt_lengths`` and ``pad_length``)."""
+
+    sft: bool
+    seq_len: int
+    global_batch_size: int
+    mask_token_id: int
+    mask_eps: float = EPS
+    stratified: bool = True
+    keyed: bool = True
+    random_length_prob: float = 0.0
+    length_multiple: int = 1  # every step length is a multiple of it (sequence parallelism: tp)
+
+    def check_batch(self, batch: dict) -> None:
+        if self.sft and "prompt_lengths" not in batch:
+            raise ValueError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
+
+    def step_length(self, batch: dict, seed: int, step: int) -> int:
+        """The step's sequence length. Pretraining: LLaDA's 1 % rule (:func:`random_length`). SFT:
+        every row EOS-padded to the global batch's longest example (LLaDA's rule per global
+        batch), rounded up to ``length_multiple``."""
+        m = self.length_multiple
+        if self.sft:
+            return min(self.seq_len, -(-int(batch["pad_length"]) // m) * m)
+        return random_length(seed, step, self.seq_len, self.random_length_prob, multiple_of=m)
+
+    def judge_spikes(self, length: int) -> bool:
+        """Whether a step's loss is comparable with the running statistics (full-length steps;
+        every SFT step)."""
+        return self.sft or length == self.seq_len
+
+    def prepare(self, batch: dict, seed: int, step: int, length: int) -> Prepared:
+        """Noise (keyed by ``(seed, step, sample index)``), masks and row weights of a batch."""
+        ids = batch["input_ids"][:, :length]
+        noise = draw_noise(
+            seed, step, batch["sample_index"], self.seq_len, self.global_batch_size, eps=self.mask_eps,
+            stratified=self.stratified, keyed=self.keyed,
+        ).truncate(length)
+        prompt_lengths = batch.get("prompt_lengths") if self.sft else None
+        noisy, masked = forward_process(ids, noise, self.mask_token_id, prompt_lengths)
+        weights = row_weights(self.global_batch_size, length, ids.shape[0], prompt_lengths)
+        return Prepared(noisy, ids, masked, noise.p_mask, weights, noise.t)
+
+
+def t_bucket_index(t: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Equal-width bucket of each t in [0, 1] (computed in float64)."""
+    return (t.double() * num_buckets).long().clamp(0, num_buckets - 1)
+
+
+def bucket_row_stats(bucket: torch.Tensor, x: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``[3, num_buckets]`` float64 on the CPU: row count, Σx and Σx² of ``x`` per bucket (for
+    loss-by-t metrics and the step guard's spike statistics)."""
+    x = x.detach().double().cpu()
+    bucket = bucket.cpu()
+    out = torch.zeros(3, num_buckets, dtype=torch.float64)
+    out[0].index_add_(0, bucket, torch.ones_like(x))
+    out[1].index_add_(0, bucket, x)
+    out[2].index_add_(0, bucket, x * x)
+    return out

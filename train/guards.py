@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from model.objective import bucket_row_stats, t_bucket_index  # the one t-bucket helper
+
 
 class GuardError(RuntimeError):
     """The run cannot go on: K bad steps in a row with nothing to roll back to, or too many rollbacks."""
@@ -74,22 +76,6 @@ class GuardConfig:
         for key in ("spike_warmup", "rollback_after", "max_rollbacks"):
             if getattr(self, key) < 0:
                 raise ValueError(f"bad value for 'guard.{key}': {getattr(self, key)} (must be >= 0)")
-
-
-def t_bucket_index(t: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Equal-width bucket of each t in [0, 1]."""
-    return (t.double() * num_buckets).long().clamp(0, num_buckets - 1)
-
-
-def bucket_row_stats(bucket: torch.Tensor, x: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """``[3, num_buckets]`` float64: row count, Σx and Σx² of ``x`` per bucket."""
-    x = x.detach().double().cpu()
-    bucket = bucket.cpu()
-    out = torch.zeros(3, num_buckets, dtype=torch.float64)
-    out[0].index_add_(0, bucket, torch.ones_like(x))
-    out[1].index_add_(0, bucket, x)
-    out[2].index_add_(0, bucket, x * x)
-    return out
 
 
 def spike_z(stats: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, judged: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn as nn
 
-from model.objective import masked_token_losses
+from model.objective import masked_token_losses, weighted_loss
 from train.engine import MicroBatch, StepOutput
 from train.device import to_device
 
@@ -17,7 +17,8 @@ from train.device import to_device
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear and embedding weights), none on norm weights."""
+    """AdamW with weight decay on matrices (linear and embedding weights), none on norm weights.
+    The one optimizer of both engines (``train.parallelize`` hands it to DeepSpeed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [
@@ -37,7 +38,7 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, to
     """Returns ``(weighted loss, per-row masked CE sums)`` of one micro-batch."""
     logits = model(mb.input_ids)
     per_sample = masked_token_losses(logits, mb.targets, mb.masked, mb.p_mask)
-    return (per_sample * mb.row_weight).sum(), per_sample
+    return weighted_loss(per_sample, mb.row_weight), per_sample
 
 
 class LocalEngine:

@@ -2,16 +2,18 @@
 and the DeepSpeed engine (ZeRO, clipping, bf16 with fp32 masters).
 
 The single-device model (``model.llada``) is the source of truth for the math and the names. Here
-its layers are rebuilt as a flat list ``[embedding, block_0 .. block_{L-1}, head]`` in which
+the model becomes a flat list ``[embedding, block_0 .. block_{L-1}, head]`` in which
 
-- ``q_proj``/``k_proj``/``v_proj``/``ff_proj``/``up_proj`` are megatron-core
-  ``ColumnParallelLinear`` (each rank owns whole heads / a slice of the SwiGLU width),
-  ``attn_out``/``ff_out`` are ``RowParallelLinear``, ``wte`` is ``VocabParallelEmbedding`` and the
-  head is a column-parallel projection whose vocab-sharded logits go straight into
-  ``vocab_parallel_cross_entropy`` at the masked positions (full-vocabulary logits are never
-  gathered in training);
-- norms, RoPE and attention reuse ``model.llada``/``model.attention`` (flash-attn on GPU when
-  installed, SDPA otherwise);
+- each block is ``model.llada.LLaDABlock`` itself (``TransformerLayer``), built with
+  :func:`tensor_parallel_linear` as its projection factory: ``q_proj``/``k_proj``/``v_proj``/
+  ``ff_proj``/``up_proj`` are megatron-core ``ColumnParallelLinear`` (each rank owns whole heads /
+  a slice of the SwiGLU width), ``attn_out``/``ff_out`` are ``RowParallelLinear``; norms, RoPE,
+  attention (flash-attn on GPU when installed, SDPA otherwise), residuals, SwiGLU and activation
+  checkpointing are the block's own code;
+- ``wte`` is ``VocabParallelEmbedding`` and the head is ``model.llada.lm_head`` with a
+  column-parallel projection whose vocab-sharded logits go straight into
+  ``model.objective.masked_token_losses`` with megatron's ``vocab_parallel_cross_entropy`` at the
+  masked positions (full-vocabulary logits are never gathered in training);
 - activations between layers are ``[s, b, d]`` (megatron's layout; sequence parallelism splits
   ``s`` across the TP group).
 
@@ -24,11 +26,13 @@ the training dtype.
 
 Pipeline parallelism uses DeepSpeed's ``PipelineModule`` (1F1B) with a topology that mirrors
 megatron's rank order; PP=1 uses a plain ``DeepSpeedEngine`` with megatron's groups given through
-``mpu=``. See ``.notes/parallel-readme.md`` for the reasons.
+``mpu=``. The optimizer is ``train.local_engine.build_optimizer``'s AdamW (the same as one
+process). Private DeepSpeed/megatron/torch touches are functions in ``train.internals``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -36,13 +40,18 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from model.attention import attention
 from model.config import ModelConfig
-from model.llada import CHECKPOINTING_MODES, LLaDAModel, RMSNorm, apply_rope, init_tensor, rope_tables
-from train.internals import zero1_bf16_with_fp32_accumulation
+from model.llada import CHECKPOINTING_MODES, LLaDABlock, LLaDAModel, RMSNorm, init_tensor, lm_head
+from model.objective import masked_token_losses, weighted_loss
+from train.internals import (
+    deepspeed_pipeline_module,
+    mark_tensor_parallel,
+    materialize_meta,
+    replace_fp32_gradient_clipping,
+    zero1_bf16_with_fp32_accumulation,
+)
+from train.local_engine import build_optimizer
 from train.layout import MegatronMPU, ParallelLayout
 
 NO_CLIP = 1e30  # a clipping threshold that never clips (DeepSpeed computes norms only when > 0)
@@ -77,30 +86,44 @@ def _no_init(weight: torch.Tensor) -> None:
     return None
 
 
-def _mark_partitioned(weight: nn.Parameter, dim: int) -> None:
-    """megatron sets these attributes only when it initializes weights itself; we need them for
-    shard cutting, gathering and DeepSpeed's model-parallel-aware norms."""
-    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+@functools.cache
+def _tensor_parallel_linears() -> tuple[type, type]:
+    """megatron-core's column/row-parallel linears, with ``forward`` returning the output tensor
+    (megatron's return ``(output, bias)``), as ``LLaDABlock``'s projections expect."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    set_tensor_model_parallel_attributes(weight, True, dim, 1)
+    class ColumnLinear(ColumnParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    class RowLinear(RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    return ColumnLinear, RowLinear
 
 
-def _column(opts: LayerOptions, cfg, n_in: int, n_out: int):
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+def tensor_parallel_linear(opts: LayerOptions) -> Callable[[int, int, str], nn.Module]:
+    """The projection factory of ``model.llada.LLaDABlock`` (and the head) under TP: ``column``
+    projections split their output features over the TP group (no gather: each rank keeps whole
+    heads / a slice of the SwiGLU width, or the sequence-gathered input under sequence
+    parallelism), ``row`` projections split their input features and reduce (reduce-scatter
+    under sequence parallelism). No biases; the weights are filled from the full tensors later."""
+    cfg = opts.tp_config()
+    column, row = _tensor_parallel_linears()
 
-    layer = ColumnParallelLinear(n_in, n_out, config=cfg, init_method=_no_init, bias=False, gather_output=False)
-    _mark_partitioned(layer.weight, 0)
-    return layer
+    def linear(n_in: int, n_out: int, kind: str) -> nn.Module:
+        if kind == "column":
+            layer = column(n_in, n_out, config=cfg, init_method=_no_init, bias=False, gather_output=False)
+        elif kind == "row":
+            layer = row(n_in, n_out, config=cfg, init_method=_no_init, bias=False, input_is_parallel=True,
+                        skip_bias_add=False)
+        else:
+            raise ValueError(f"linear kind must be 'column' or 'row', got {kind!r}")
+        mark_tensor_parallel(layer.weight, 0 if kind == "column" else 1)
+        return layer
 
-
-def _row(opts: LayerOptions, cfg, n_in: int, n_out: int):
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    layer = RowParallelLinear(
-        n_in, n_out, config=cfg, init_method=_no_init, bias=False, input_is_parallel=True, skip_bias_add=False
-    )
-    _mark_partitioned(layer.weight, 1)
-    return layer
+    return linear
 
 
 class ParallelLayer(nn.Module):
@@ -125,7 +148,7 @@ class EmbeddingLayer(ParallelLayer):
         self.wte = VocabParallelEmbedding(
             opts.model.embedding_size, opts.model.d_model, init_method=_no_init, config=opts.tp_config()
         )
-        _mark_partitioned(self.wte.weight, 0)
+        mark_tensor_parallel(self.wte.weight, 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids).transpose(0, 1).contiguous()
@@ -136,95 +159,31 @@ class EmbeddingLayer(ParallelLayer):
         return x
 
 
-class TransformerLayer(ParallelLayer):
-    """One LLaDA block over ``[s, b, d]`` with this rank's heads and SwiGLU slice."""
+class TransformerLayer(LLaDABlock, ParallelLayer):
+    """``model.llada.LLaDABlock`` with megatron's TP projections over ``[s, b, d]``: this rank's
+    heads and SwiGLU slice; RMSNorm and silu·up are recomputed in backward (same numbers, less
+    activation memory; ``tools/plan.py`` counts it)."""
 
     def __init__(self, opts: LayerOptions, index: int) -> None:
-        super().__init__()
-        c, tp = opts.model, opts.tp
-        cfg = opts.tp_config()
+        super().__init__(opts.model, linear=tensor_parallel_linear(opts), shards=opts.tp, sequence_first=True)
         self.prefix = f"transformer.blocks.{index}."
-        self.heads, self.kv_heads, self.head_dim = c.n_heads // tp, c.n_kv_heads // tp, c.head_dim
-        self.rope_theta, self.tp, self.sequence_parallel = c.rope_theta, tp, opts.sequence_parallel
         self.checkpointing, self.attention_backend = opts.activation_checkpointing, opts.attention_backend
-        # attribute order = LLaDABlock's, so state dicts list names in the same order
-        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
-        self.q_proj = _column(opts, cfg, c.d_model, c.d_model)
-        self.k_proj = _column(opts, cfg, c.d_model, c.kv_dim)
-        self.v_proj = _column(opts, cfg, c.d_model, c.kv_dim)
-        self.attn_out = _row(opts, cfg, c.d_model, c.d_model)
-        self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
-        self.ff_proj = _column(opts, cfg, c.d_model, c.mlp_hidden_size)
-        self.up_proj = _column(opts, cfg, c.d_model, c.mlp_hidden_size)
-        self.ff_out = _row(opts, cfg, c.mlp_hidden_size, c.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing == "full" and torch.is_grad_enabled():
-            return checkpoint(self._block, x, use_reentrant=False)
-        return self._block(x)
-
-    def _attention(self, q, k, v):
-        return attention(q, k, v, None, backend=self.attention_backend)
-
-    def _swiglu(self, m: torch.Tensor) -> torch.Tensor:
-        gate, up = self.ff_proj(m)[0], self.up_proj(m)[0]
-        if self._cheap_recompute():  # keep gate and up (not silu(gate) as well): -2·s·b·f/t bytes
-            return checkpoint(_silu_mul, gate, up, use_reentrant=False)
-        return _silu_mul(gate, up)
-
-    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        if self._cheap_recompute():  # keep the bf16 input, not RMSNorm's fp32 copies: -8·s·b·h/t bytes
-            return checkpoint(norm, x, use_reentrant=False)
-        return norm(x)
-
-    def _cheap_recompute(self) -> bool:
-        """Recompute the elementwise parts (RMSNorm, silu·up) in backward instead of keeping their
-        intermediates: the same ops run again, so the numbers are identical. Off under full
-        recomputation (nothing of the block is kept) and without autograd."""
-        return self.checkpointing != "full" and torch.is_grad_enabled()
-
-    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:  # [s, b, n·hd] -> [b, n, s, hd]
-        s, b = t.shape[:2]
-        return t.view(s, b, n, self.head_dim).permute(1, 2, 0, 3)
-
-    def _block(self, x: torch.Tensor) -> torch.Tensor:
-        selective = self.checkpointing == "selective" and torch.is_grad_enabled()
-        n = self._norm(self.attn_norm, x)
-        q = self._heads(self.q_proj(n)[0], self.heads)
-        k = self._heads(self.k_proj(n)[0], self.kv_heads)
-        v = self._heads(self.v_proj(n)[0], self.kv_heads)
-        b, s = q.shape[0], q.shape[2]
-        positions = torch.arange(s, device=x.device).expand(b, s)
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if selective:
-            a = checkpoint(self._attention, q, k, v, use_reentrant=False)
-        else:
-            a = self._attention(q, k, v)
-        h = x + self.attn_out(a.permute(2, 0, 1, 3).reshape(s, b, -1))[0]
-        m = self._norm(self.ff_norm, h)
-        g = checkpoint(self._swiglu, m, use_reentrant=False) if selective else self._swiglu(m)
-        return h + self.ff_out(g)[0]
-
-
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+        self.recompute_elementwise = True
 
 
 class HeadLayer(ParallelLayer):
-    """Final norm + column-parallel LM head: ``[s(/tp), b, d]`` -> logits ``[s, b, V/tp]``."""
+    """``model.llada.lm_head`` with a column-parallel projection: ``[s(/tp), b, d]`` -> logits
+    ``[s, b, V/tp]`` (RMSNorm recomputed in backward)."""
 
     def __init__(self, opts: LayerOptions) -> None:
         super().__init__()
         c = opts.model
         self.prefix = "transformer."
         self.ln_f = RMSNorm(c.d_model, c.rms_norm_eps)
-        self.ff_out = _column(opts, opts.tp_config(), c.d_model, c.embedding_size)
+        self.ff_out = tensor_parallel_linear(opts)(c.d_model, c.embedding_size, "column")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # keep the bf16 input, not RMSNorm's fp32 copies (same numbers)
-            return self.ff_out(checkpoint(self.ln_f, x, use_reentrant=False))[0]
-        return self.ff_out(self.ln_f(x))[0]
+        return lm_head(self.ln_f, self.ff_out, x, recompute_norm=True)
 
 
 class LayerStack(nn.Module):
@@ -242,23 +201,6 @@ class LayerStack(nn.Module):
 
 
 # ----- loss -------------------------------------------------------------------------------------
-def vocab_parallel_masked_losses(
-    logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, p_mask: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample ``Σ_{masked i} CE_i / p_mask`` ``[b]`` from vocab-sharded logits ``[s, b, V/tp]``.
-
-    Only masked positions are selected, and the softmax is reduced across the TP group by
-    megatron's ``vocab_parallel_cross_entropy``; the full-vocabulary logits never exist.
-    """
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    selected = logits.transpose(0, 1)[masked].float()  # [n_masked, V/tp]
-    rows = masked.nonzero(as_tuple=True)[0]
-    ce = vocab_parallel_cross_entropy(selected, targets[masked])
-    per_sample = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
-    return per_sample.index_add(0, rows, ce / p_mask[rows].float())
-
-
 class MaskedDiffusionLoss:
     """The loss function of the last stage: ``(logits, (targets, masked, p_mask, row_weight))`` ->
     ``scale · Σ_rows row_weight · per_sample``. It records the unscaled loss and per-sample sums
@@ -278,9 +220,15 @@ class MaskedDiffusionLoss:
         self.losses, self.rows = [], []
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
         targets, masked, p_mask, row_weight = labels
-        per_sample = vocab_parallel_masked_losses(logits, targets, masked, p_mask)
-        loss = (per_sample * row_weight.float()).sum()
+        # vocab-sharded logits [s, b, V/tp]: the softmax is reduced over the TP group at the
+        # masked positions only; the full-vocabulary logits never exist
+        per_sample = masked_token_losses(
+            logits.transpose(0, 1), targets, masked, p_mask, cross_entropy=vocab_parallel_cross_entropy
+        )
+        loss = weighted_loss(per_sample, row_weight)
         self.losses.append(loss.detach().double())
         self.rows.append(per_sample.detach().float())
         return loss * self.scale
@@ -346,28 +294,15 @@ class ParallelModel:
 
 
 def _pipeline_module(specs, loss, layout: ParallelLayout):
-    from deepspeed.pipe import PipelineModule
+    """DeepSpeed's ``PipelineModule`` of this rank's stage, with our stage boundaries (embedding on
+    the first stage, head on the last, blocks per ``layout.stage_blocks``)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    class LLaDAPipeline(PipelineModule):
-        """PipelineModule with our stage boundaries (embedding on the first stage, head on the
-        last, blocks per ``layout.stage_blocks``)."""
-
-        def _partition_layers(self, method="uniform"):
-            self.parts = layout.stage_boundaries()
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-        def to(self, *args, **kwargs):
-            if any(p.is_meta for p in self.parameters()):
-                return self  # PipelineModule's __init__ moves the stage; parallelize allocates it itself
-            return super().to(*args, **kwargs)
 
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     coord = topology.get_coord(dist.get_rank())
     if (coord.pipe, coord.data, coord.model) != layout.coordinates(dist.get_rank()):
         raise RuntimeError("DeepSpeed pipeline topology disagrees with megatron's rank order")
-    return LLaDAPipeline(layers=specs, loss_fn=loss, topology=topology, partition_method="uniform")
+    return deepspeed_pipeline_module(specs, loss, topology, layout.stage_boundaries())
 
 
 # DeepSpeed's default bucket (5e8 elements); smaller stages get about 8 buckets per backward
@@ -474,7 +409,7 @@ def build_stage(
             module = LayerStack(layers)
     if dtype == torch.bfloat16:
         module.bfloat16()  # still on the meta device: costs nothing
-    _materialize(module, device)
+    materialize_meta(module, device)  # keeps megatron's attributes (Module.to_empty would drop them)
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
@@ -529,15 +464,7 @@ def parallelize(
         _reduce_norm_grads_over_tp(layers)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=betas,
-        eps=eps,
-    )
+    optimizer = build_optimizer(module, lr, weight_decay, betas, eps)
     kwargs = {} if layout.pp > 1 else {"mpu": MegatronMPU()}
     ds_config = deepspeed_config(layout, grad_clip, precision, sum(p.numel() for p in params))
     with zero1_bf16_with_fp32_accumulation():
@@ -547,28 +474,13 @@ def parallelize(
     return ParallelModel(engine=engine, layers=layers, loss=loss, layout=layout, device=device)
 
 
-def _materialize(module: nn.Module, device: torch.device) -> None:
-    """Allocate a meta-device module's parameters and buffers on ``device`` (uninitialized), in
-    place of ``Module.to_empty``, which makes new Parameters and would drop the attributes that
-    megatron and ``_mark_partitioned`` set on them (``tensor_model_parallel``, ``partition_dim``)."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_meta:
-                new = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-                new.__dict__.update(p.__dict__)
-                m._parameters[name] = new
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.is_meta:
-                m._buffers[name] = torch.empty_like(b, device=device)
-
-
 def _use_model_parallel_clipping(engine, params: list[nn.Parameter], grad_clip: float) -> None:
     """DeepSpeed's ZeRO-0 fp32 path clips with ``runtime.utils.clip_grad_norm_(mpu=...)``; under a
     PipelineModule its "model-parallel rank" spans pipe×TP, so replicated parameters on stages > 0
     drop out of the norm (3d-parallel.md A.2), and it never records the norm. Replace it with
     :func:`global_grad_norm` + torch-style clipping, and record the norm for reporting."""
 
-    def clip() -> None:
+    def clip() -> torch.Tensor:
         norm = global_grad_norm(params)
         if grad_clip > 0:
             coef = grad_clip / (float(norm) + 1e-6)
@@ -576,9 +488,9 @@ def _use_model_parallel_clipping(engine, params: list[nn.Parameter], grad_clip: 
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(coef)
-        engine._global_grad_norm = float(norm)
+        return norm
 
-    engine.clip_fp32_gradients = clip
+    replace_fp32_gradient_clipping(engine, clip)
 
 
 def _reduce_norm_grads_over_tp(layers: list[ParallelLayer]) -> None:

@@ -36,13 +36,7 @@ from tqdm import tqdm
 from data.loader import build_loader
 from data.shards import load_tokenizer_dir
 from model.llada import build_model
-from model.objective import (
-    answer_lengths,
-    draw_noise,
-    forward_process,
-    random_length,
-    t_bucket_sums,
-)
+from model.objective import Objective, bucket_row_stats, t_bucket_index
 from train.checkpoint import Checkpointer, remove_stale_temporaries
 from train.config import ConfigError, RunConfig, to_yaml
 from train.engine import Engine, MicroBatch
@@ -103,6 +97,7 @@ class Trainer:
                 f"train.seq_len ({t.seq_len}) must be a multiple of parallel.tp ({self.length_multiple}) "
                 "with parallel.sequence_parallel=true"
             )
+        self.objective = objective_of(t, cfg.model.mask_token_id, self.length_multiple)
         if t.global_batch_size % (t.micro_batch_size * self.dp_size):
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -210,25 +205,14 @@ class Trainer:
 
     # ----- one step ---------------------------------------------------------------------------
     def micro_batches(self, batch: dict, step: int, *, seed: int, length: int) -> tuple[list[MicroBatch], torch.Tensor]:
-        """Noise, masks and loss weights for this rank's share of a step, split into micro-batches."""
-        t = self.cfg.train
-        g = t.global_batch_size
-        ids = batch["input_ids"][:, :length]
-        noise = draw_noise(
-            seed, step, batch["sample_index"], t.seq_len, g, eps=t.mask_eps,
-            stratified=t.stratified_t, keyed=t.keyed_noise,
-        ).truncate(length)
-        prompt_lengths = batch.get("prompt_lengths") if t.objective == "sft" else None
-        noisy, masked = forward_process(ids, noise, self.cfg.model.mask_token_id, prompt_lengths)
-        if prompt_lengths is None:
-            row_weight = torch.full((ids.shape[0],), 1.0 / (g * length))
-        else:
-            row_weight = 1.0 / (g * answer_lengths(prompt_lengths, length).double())
+        """Noise, masks and loss weights (``self.objective``) for this rank's share of a step,
+        split into micro-batches; also returns the rows' diffusion times."""
+        p = self.objective.prepare(batch, seed, step, length)
         mbs = []
-        for lo in range(0, ids.shape[0], t.micro_batch_size):
-            sl = slice(lo, lo + t.micro_batch_size)
-            mbs.append(MicroBatch(noisy[sl], ids[sl], masked[sl], noise.p_mask[sl], row_weight[sl].float()))
-        return mbs, noise.t
+        for lo in range(0, p.noisy.shape[0], self.cfg.train.micro_batch_size):
+            sl = slice(lo, lo + self.cfg.train.micro_batch_size)
+            mbs.append(MicroBatch(p.noisy[sl], p.targets[sl], p.masked[sl], p.p_mask[sl], p.row_weight[sl]))
+        return mbs, p.t
 
     def train_step(self) -> dict:
         t = self.cfg.train
@@ -236,20 +220,17 @@ class Trainer:
         data_step = self.run_guard.next_data_step(self.data_step)
         start = time.perf_counter()
         batch = self.loader.batch(data_step)
-        if t.objective == "sft" and "prompt_lengths" not in batch:
-            raise ConfigError("train.objective=sft needs SFT shards (with prompt lengths); these sources have none")
-        if t.objective == "sft":  # every row EOS-padded to the global batch's longest example (LLaDA's
-            # rule per global batch), rounded up to what sequence parallelism needs
-            m = self.length_multiple
-            length = min(t.seq_len, -(-int(batch["pad_length"]) // m) * m)
-        else:
-            length = random_length(t.seed, data_step, t.seq_len, t.random_length_prob, multiple_of=self.length_multiple)
+        try:
+            self.objective.check_batch(batch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        length = self.objective.step_length(batch, t.seed, data_step)
         mbs, times = self.micro_batches(batch, data_step, seed=t.seed, length=length)
         lr = wsd_lr(
             step, lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps, drop_step=t.drop_step,
             drop_lr=t.drop_lr, decay_steps=t.decay_steps, final_lr=t.final_lr,
         )
-        gate = self.run_guard.gate(times, judge_spikes=length == t.seq_len or t.objective == "sft")
+        gate = self.run_guard.gate(times, judge_spikes=self.objective.judge_spikes(length))
         out = self.engine.train_step(mbs, lr, gate=gate)
         elapsed = time.perf_counter() - start
         self.data_step = data_step + 1
@@ -326,7 +307,8 @@ class Trainer:
         """Mean per-token loss by t-bucket over the whole global batch."""
         n = self.cfg.logging.t_buckets
         if per_sample.numel() == times.numel():
-            sums, counts = t_bucket_sums(times, per_sample / length, n)
+            stats = bucket_row_stats(t_bucket_index(times, n), per_sample / length, n)
+            sums, counts = stats[1], stats[0]
         else:  # this rank holds no loss rows (e.g. a pipeline stage before the last)
             sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():  # on the engine's device (NCCL serves no CPU tensors)
@@ -475,6 +457,15 @@ class Interrupted(BaseException):
 
 class CollectiveError(RuntimeError):
     """A collective failed (a peer rank died, hangs or disagrees): one line for the user."""
+
+
+def objective_of(t, mask_token_id: int, length_multiple: int) -> Objective:
+    """The run's objective (``train.objective``), chosen once from the train config."""
+    return Objective(
+        sft=t.objective == "sft", seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+        mask_token_id=mask_token_id, mask_eps=t.mask_eps, stratified=t.stratified_t, keyed=t.keyed_noise,
+        random_length_prob=t.random_length_prob, length_multiple=length_multiple,
+    )
 
 
 def likely_cause(error: str) -> str:

@@ -92,11 +92,13 @@ def test_training_loss_and_length_follow_llada(sft_dir, tmp_path):
 
 def losses(model, ld, step, micro_batch_size):
     from train.local_engine import micro_batch_loss
-    from train.trainer import Trainer
+    from train.trainer import Trainer, objective_of
 
     train = SimpleNamespace(global_batch_size=GBS, seq_len=SEQ_LEN, mask_eps=1e-3, stratified_t=True, keyed_noise=True,
-                            objective="sft", micro_batch_size=micro_batch_size)
-    fake = SimpleNamespace(cfg=SimpleNamespace(train=train, model=model.config))
+                            objective="sft", micro_batch_size=micro_batch_size,
+                            random_length_prob=0.0)
+    fake = SimpleNamespace(cfg=SimpleNamespace(train=train, model=model.config),
+                           objective=objective_of(train, model.config.mask_token_id, 1))
     batch = ld.batch(step)
     mbs, _ = Trainer.micro_batches(fake, batch, step, seed=0, length=int(batch["pad_length"]))
     with torch.no_grad():

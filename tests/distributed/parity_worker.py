@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.llada import build_model  # noqa: E402
-from model.objective import draw_noise, forward_process  # noqa: E402
+from model.objective import draw_noise, forward_process, row_weights  # noqa: E402
 from train.engine import MicroBatch  # noqa: E402
 from train.local_engine import LocalEngine  # noqa: E402
 
@@ -57,7 +57,7 @@ def step_batch(step: int, config: ModelConfig) -> MicroBatch:
     tokens = torch.randint(0, 125, (G, L), generator=torch.Generator().manual_seed(1000 + step))
     noise = draw_noise(SEED, step, step * G + torch.arange(G), L, G)
     noisy, masked = forward_process(tokens, noise, config.mask_token_id)
-    return MicroBatch(noisy, tokens, masked, noise.p_mask, torch.full((G,), 1.0 / (G * L)))
+    return MicroBatch(noisy, tokens, masked, noise.p_mask, row_weights(G, L, G))
 
 
 def split(batch: MicroBatch, rows: range, mbs: int) -> list[MicroBatch]:

@@ -54,7 +54,7 @@ def fake_world(monkeypatch):
 
 def _trainer_stub(device: torch.device):
     from train.config import load_config
-    from train.trainer import Trainer
+    from train.trainer import Trainer, objective_of
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = load_config(REPO / "configs" / "demo.yaml", ["train.seq_len=16", "train.global_batch_size=4",
@@ -62,6 +62,7 @@ def _trainer_stub(device: torch.device):
     trainer.device = device
     trainer.stop_signal = None
     t = trainer.cfg.train
+    trainer.objective = objective_of(t, trainer.cfg.model.mask_token_id, 1)
     batch = {"input_ids": torch.randint(0, 100, (2, t.seq_len)), "sample_index": torch.arange(2)}
     trainer.val_loader = SimpleNamespace(batch=lambda k: batch)
     trainer.engine = SimpleNamespace(eval_loss=lambda mbs: torch.ones(sum(mb.input_ids.shape[0] for mb in mbs)))

@@ -13,7 +13,7 @@ from model.likelihood import (
     standard_error,
     stratified_mask_counts,
 )
-from model.objective import draw_noise, forward_process, masked_token_losses, pretraining_loss
+from model.objective import draw_noise, forward_process, masked_token_losses, row_weights, weighted_loss
 from model.llada import build_model
 
 
@@ -109,7 +109,7 @@ def test_fixed_noise_bound_is_repeatable_and_equals_pretraining_loss(model):
     noise = draw_noise(11, 0, torch.arange(4), 16, global_batch_size=2**62, stratified=False)
     noisy, masked = forward_process(ids, noise, 2)
     with torch.no_grad():
-        loss = pretraining_loss(masked_token_losses(model(noisy), ids, masked, noise.p_mask), 4, 16)
+        loss = weighted_loss(masked_token_losses(model(noisy), ids, masked, noise.p_mask), row_weights(4, 16, 4))
     assert a.mean().item() == pytest.approx(loss.item(), rel=1e-5)
 
 

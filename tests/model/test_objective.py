@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,10 +10,10 @@ from model.objective import (
     draw_noise,
     forward_process,
     masked_token_losses,
-    pretraining_loss,
     random_length,
-    sft_loss,
+    row_weights,
     time_from_uniform,
+    weighted_loss,
 )
 from tests.conftest import tiny_model_config
 
@@ -39,7 +40,7 @@ def test_loss_equals_direct_transcription_of_llada_formula():
     noisy, masked = forward_process(input_ids, noise, MASK)
     assert torch.equal(noisy, noisy_batch)
     per_sample = masked_token_losses(model(noisy), input_ids, masked, noise.p_mask)
-    ours = pretraining_loss(per_sample, b, l)
+    ours = weighted_loss(per_sample, row_weights(b, l, b))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
 
 
@@ -70,7 +71,7 @@ def test_sft_loss_normalizes_by_answer_length():
     per_sample = torch.tensor([6.0, 10.0])
     prompt_lengths = torch.tensor([4, 8])
     # answer lengths 6 and 2 at seq_len 10: (6/6 + 10/2) / 2 = 3
-    assert sft_loss(per_sample, prompt_lengths, 10, 2).item() == 3.0
+    assert weighted_loss(per_sample, row_weights(2, 10, 2, prompt_lengths)).item() == 3.0
 
 
 def test_noise_is_identical_for_the_same_global_samples_in_any_order_or_split():
@@ -120,3 +121,45 @@ def test_random_length_rate_and_range():
     assert random_length(seed=0, step=0, seq_len=64, probability=0.0) == 64
     # deterministic per (seed, step): every rank agrees
     assert lengths == [random_length(seed=0, step=s, seq_len=64, probability=0.1) for s in range(4000)]
+
+
+def test_row_weights_pretraining_and_sft():
+    # pretraining: 1/(G·L) for every row; SFT: 1/(G·answer length), answer length >= 1
+    assert torch.equal(row_weights(8, 16, 3), torch.full((3,), 1.0 / 128))
+    sft = row_weights(4, 10, 3, torch.tensor([4, 8, 10]))
+    assert sft.dtype == torch.float32
+    assert torch.equal(sft, torch.tensor([1 / 24, 1 / 8, 1 / 4], dtype=torch.float64).float())
+
+
+def test_objective_is_chosen_once_and_prepares_batches():
+    from model.objective import Objective
+
+    g, s = 4, 12
+    ids = torch.randint(3, 100, (g, s), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "sample_index": torch.arange(g), "prompt_lengths": torch.tensor([2, 3, 4, 5]),
+             "pad_length": torch.tensor(7)}
+    pre = Objective(sft=False, seq_len=s, global_batch_size=g, mask_token_id=MASK, random_length_prob=0.0)
+    sft = Objective(sft=True, seq_len=s, global_batch_size=g, mask_token_id=MASK, length_multiple=2)
+    assert pre.step_length(batch, seed=0, step=3) == s and pre.judge_spikes(s) and not pre.judge_spikes(s - 1)
+    assert sft.step_length(batch, seed=0, step=3) == 8  # pad length 7 rounded up to the multiple 2
+    assert sft.judge_spikes(8)
+    p = pre.prepare(batch, seed=5, step=1, length=s)
+    noise = draw_noise(5, 1, torch.arange(g), s, g)
+    assert torch.equal(p.noisy, forward_process(ids, noise, MASK)[0]) and torch.equal(p.t, noise.t)
+    assert torch.equal(p.row_weight, row_weights(g, s, g))
+    q = sft.prepare(batch, seed=5, step=1, length=8)
+    assert q.noisy.shape == (g, 8) and not q.masked[3, :5].any()
+    assert torch.equal(q.row_weight, row_weights(g, 8, g, batch["prompt_lengths"]))
+    with pytest.raises(ValueError, match="needs SFT shards"):
+        sft.check_batch({"input_ids": ids, "sample_index": torch.arange(g)})
+
+
+def test_one_t_bucket_helper_for_metrics_and_guard():
+    import train.guards as guards
+    from model.objective import bucket_row_stats, t_bucket_index
+
+    assert guards.t_bucket_index is t_bucket_index and guards.bucket_row_stats is bucket_row_stats
+    t = torch.tensor([0.0, 0.9166666269302368, 0.5, 1.0])  # fp32 t·12 rounds up to 11.0; in fp64 it is bucket 10
+    assert t_bucket_index(t, 12).tolist() == [0, 10, 6, 11]
+    stats = bucket_row_stats(t_bucket_index(t, 2), torch.tensor([1.0, 2.0, 3.0, 4.0]), 2)
+    assert stats.tolist() == [[1, 3], [1, 9], [1, 29]]  # count, Σx, Σx² per bucket

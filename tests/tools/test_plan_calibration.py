@@ -91,12 +91,13 @@ def saved_bytes(fn, exclude: set[int]) -> int:
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_block_activations_match_the_planner(fake_tp_world, monkeypatch, tp, mode):
+    import model.llada as llada
     import train.parallelize as P
 
     _tp_groups(tp)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("meta"))  # megatron's SP buffers
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # no autocast on meta
-    monkeypatch.setattr(P, "attention", lambda q, k, v, mask, backend="auto": _FlashLike.apply(q, k, v))
+    monkeypatch.setattr(llada, "attention", lambda q, k, v, mask, backend="auto": _FlashLike.apply(q, k, v))
     cfg = ModelConfig()  # LLaDA-8B
     opts = P.LayerOptions(model=cfg, tp=tp, sequence_parallel=tp > 1, activation_checkpointing=mode,
                           attention_backend="auto", use_cpu_initialization=True, params_dtype=torch.bfloat16)

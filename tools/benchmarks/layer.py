@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with torch.device(device):
         block = LLaDABlock(config).to(dtype)
-    block.selective_checkpointing = args.checkpointing == "selective"
+    block.checkpointing = args.checkpointing
     wrapper = _Wrapper(block)
     try:
         apply_attention(wrapper, choice)

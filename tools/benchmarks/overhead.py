@@ -38,7 +38,7 @@ from model.config import ModelConfig
 from model.llada import build_model
 from train.config import LoggingConfig, RunConfig, TrainConfig
 from train.local_engine import LocalEngine
-from train.trainer import Trainer
+from train.trainer import Trainer, objective_of
 
 TARGET = 1.10
 OPT = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
@@ -84,6 +84,7 @@ def difftron_trainer(model, config: ModelConfig, args, loader: MemoryBatches) ->
     trainer.out_dir = Path("runs/bench-overhead")  # nothing is written there
     trainer.is_logging_rank = False  # no event files
     trainer.length_multiple = 1  # no sequence parallelism
+    trainer.objective = objective_of(cfg.train, cfg.model.mask_token_id, 1)
     trainer.init_run_state()
     trainer.loader = loader
     trainer.engine = LocalEngine(
