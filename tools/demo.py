@@ -141,7 +141,7 @@ def summarize(run_dir: Path, cfg, references: dict) -> dict:
 def report(s: dict, plots: list[str], samples: str, timing: dict) -> str:
     n = s["t_buckets"]
     b0, b1 = s["bound_start"], s["bound_end"]
-    f, l = s["bucket_loss_first"], s["bucket_loss_last"]
+    f, last = s["bucket_loss_first"], s["bucket_loss_last"]
     gap = s["unigram_cross_entropy"] - b1["value"]
     below = s["unigram_entropy"] - b1["value"]
     lines = [
@@ -160,9 +160,9 @@ def report(s: dict, plots: list[str], samples: str, timing: dict) -> str:
         f"validation tokens: {s['unigram_cross_entropy']:.3f}",
         f"    -> the bound is {abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} it",
         f"  training loss by t-bucket (mean of the logged steps {f['steps'][0]}-{f['steps'][1]} -> "
-        f"{l['steps'][0]}-{l['steps'][1]}):",
-        f"    least masked, t in [0, {1 / n:.2f}): {f['loss_t0']:.3f} -> {l['loss_t0']:.3f}",
-        f"    most masked,  t in [{(n - 1) / n:.2f}, 1): {f[f'loss_t{n - 1}']:.3f} -> {l[f'loss_t{n - 1}']:.3f}",
+        f"{last['steps'][0]}-{last['steps'][1]}):",
+        f"    least masked, t in [0, {1 / n:.2f}): {f['loss_t0']:.3f} -> {last['loss_t0']:.3f}",
+        f"    most masked,  t in [{(n - 1) / n:.2f}, 1): {f[f'loss_t{n - 1}']:.3f} -> {last[f'loss_t{n - 1}']:.3f}",
         "  plots:",
         *(f"    {p}" for p in plots),
         "  samples from the HF export (temperature 0.8):",

@@ -76,7 +76,7 @@ def tp_overlap_environment() -> None:
     if torch.cuda.is_initialized():
         import warnings
 
-        warnings.warn("parallel.tp > 1: set CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA starts for TP overlap")
+        warnings.warn("parallel.tp > 1: set CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA starts for TP overlap", stacklevel=2)
         return
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
 

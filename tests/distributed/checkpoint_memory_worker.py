@@ -24,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
@@ -98,7 +97,7 @@ def main() -> int:
     save_growth, _ = measure(lambda: save_checkpoint(folder, 1, state=engine.checkpoint_state(), **kwargs))
     async_growth, _ = measure(lambda: AsyncSave(folder, 2, engine.checkpoint_state(), **kwargs).wait())
     engine.close()
-    del engine
+    engine = None  # the lambdas above are done with it
     fresh = build(layout)
     ckpt = os.path.join(folder, "checkpoints", "step_00000001")
     from pathlib import Path

@@ -86,7 +86,7 @@ def test_rolling_windows_cover_each_token_once():
     assert sum((w[1] for w in windows), []) == toks
     for ctx, cont in windows:
         assert len(ctx) + len(cont) <= 8 and ctx
-    for (ctx, cont), (_, prev) in zip(windows[1:], windows):
+    for (ctx, _cont), (_, prev) in zip(windows[1:], windows):
         assert ctx[-1] == prev[-1]  # the context is the text right before
 
 

@@ -142,8 +142,8 @@ def test_confidence_eos_eot_inf_changes_nothing_under_random_remasking():
     for seed in range(8):
         kw = dict(gen_length=4, steps=4, block_length=4, remasking="random", seed=seed, eot_id=EOT)
         plain, flagged = [], []
-        generate(m, [[BOS, 5]], callback=lambda b, s, x: plain.append(x[0].tolist()), **kw)
-        generate(m, [[BOS, 5]], confidence_eos_eot_inf=True, callback=lambda b, s, x: flagged.append(x[0].tolist()), **kw)
+        generate(m, [[BOS, 5]], callback=lambda b, s, x, out=plain: out.append(x[0].tolist()), **kw)
+        generate(m, [[BOS, 5]], confidence_eos_eot_inf=True, callback=lambda b, s, x, out=flagged: out.append(x[0].tolist()), **kw)
         assert plain == flagged, seed
 
 
@@ -152,7 +152,7 @@ def test_confidence_eos_eot_zero_option_commits_stops_last():
     for temperature, remasking in [(0.0, "low_confidence"), (0.5, "low_confidence"), (0.0, "random")]:
         seen = []
         generate(m, [[BOS, 5]], gen_length=4, steps=4, block_length=4, temperature=temperature, remasking=remasking,
-                 eot_id=EOT, seed=0, confidence_eos_eot_zero=True, callback=lambda b, s, x: seen.append(x[0].tolist()))
+                 eot_id=EOT, seed=0, confidence_eos_eot_zero=True, callback=lambda b, s, x, out=seen: out.append(x[0].tolist()))
         assert seen[1][2] == MASK and seen[1][4] == MASK  # EOS and EoT come in the last two steps
 
 

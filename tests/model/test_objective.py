@@ -23,13 +23,13 @@ MASK = 2
 def test_loss_equals_direct_transcription_of_llada_formula():
     torch.manual_seed(0)
     model = build_model(tiny_model_config(), seed=0)
-    b, l, eps = 3, 20, 1e-3
-    input_ids = torch.randint(3, 256, (b, l))
+    b, seq_len, eps = 3, 20, 1e-3
+    input_ids = torch.randint(3, 256, (b, seq_len))
     t = torch.rand(b)
-    r = torch.rand(b, l)
+    r = torch.rand(b, seq_len)
     # --- LLaDA GUIDELINES.md, transcribed ---
     p_mask = (1 - eps) * t + eps
-    p_mask = p_mask[:, None].repeat(1, l)
+    p_mask = p_mask[:, None].repeat(1, seq_len)
     masked_indices = r < p_mask
     noisy_batch = torch.where(masked_indices, MASK, input_ids)
     logits = model(noisy_batch)
@@ -40,7 +40,7 @@ def test_loss_equals_direct_transcription_of_llada_formula():
     noisy, masked = forward_process(input_ids, noise, MASK)
     assert torch.equal(noisy, noisy_batch)
     per_sample = masked_token_losses(model(noisy), input_ids, masked, noise.p_mask)
-    ours = weighted_loss(per_sample, row_weights(b, l, b))
+    ours = weighted_loss(per_sample, row_weights(b, seq_len, b))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
 
 
