@@ -44,7 +44,7 @@ from tools.plan_comm import Interconnect, describe_step_times, rank_by_step_time
 GB = 1e9
 GIB = 2**30
 # Bytes per parameter held by each DeepSpeed path of train.parallelize, as (replicated, sharded
-# over the data-parallel ranks) per part; measured (tests/distributed/memory_worker.py).
+# over the data-parallel ranks) per part; measured (tests/train/memory_worker.py).
 STATE_BYTES = {
     # (precision, zero): {part: (replicated, sharded)}
     ("bf16", 0): {"weights": (6, 0), "gradients": (6, 0), "optimizer": (8, 0)},  # fp32 masters, fp32 grads

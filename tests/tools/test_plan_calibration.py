@@ -10,7 +10,7 @@
   masked, LLaDA's vocabulary); every byte allocated during their forward is an upper bound of
   their peak and is compared with ``tools.plan.logits_bytes``.
 - Model states: the bytes per parameter of each DeepSpeed path, measured on gloo at two model
-  sizes by ``tests/distributed/memory_worker.py``, against ``tools.plan.model_state_bytes``.
+  sizes by ``tests/train/memory_worker.py``, against ``tools.plan.model_state_bytes``.
 Each planner term must be within 10 % of its measurement.
 """
 
@@ -166,6 +166,6 @@ def _check_paths(result: dict, world: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world, paths", [(2, TWO_RANK_PATHS), (4, FOUR_RANK_PATHS)])
 def test_deepspeed_bytes_per_param_match_the_planner(tmp_path, world, paths):
-    from tests.distributed.test_parity import launch_worker
+    from tests.train.test_parallel_engine import launch_worker
 
     _check_paths(launch_worker("memory_worker.py", world, paths, tmp_path), world)

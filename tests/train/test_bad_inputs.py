@@ -291,7 +291,7 @@ def test_metrics_jsonl_is_strict_json_with_non_finite_values_as_flagged_nulls(tm
 
 
 def test_a_nan_step_is_kept_in_metrics_jsonl_as_null(embedded_shards, tmp_path):
-    from tests.train.test_faults import _nan_at, small_run
+    from tests.train.test_trainer_faults import _nan_at, small_run
 
     _nan_at(small_run(tmp_path, embedded_shards, "train.max_steps=3"), 2).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

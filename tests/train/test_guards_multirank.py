@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from tests.distributed import guard_worker as gw
-from tests.distributed.test_parity import launch_worker
+from tests.train import guard_worker as gw
+from tests.train.test_parallel_engine import launch_worker
 from train.config import load_config
 from train.trainer import Trainer
 
@@ -82,7 +82,7 @@ def test_guard_decisions_agree_across_ranks_and_match_single_process(results, re
 
 @pytest.mark.slow
 def test_a_hung_rank_gives_the_timeout_message_instead_of_a_hang(tmp_path, embedded_shards):
-    from tests.distributed import timeout_worker as tw
+    from tests.train import timeout_worker as tw
 
     result = launch_worker("timeout_worker.py", 2, [str(embedded_shards), str(tmp_path / "run")], tmp_path)
     message = result["message"]

@@ -1,4 +1,4 @@
-"""torchrun worker for the resharding suite (launched by tests/distributed/test_reshard.py).
+"""torchrun worker for the resharding suite (launched by tests/train/test_engine_state.py).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 reshard_worker.py OUT.json CASE [CASE ...]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.distributed.test_train_cli import OVERRIDES
+from tests.train.test_main import OVERRIDES
 
 FAULT_OVERRIDES = [o for o in OVERRIDES if not o.startswith(("train.max_steps", "train.checkpoint_every"))] + [
     "train.max_steps=30", "train.checkpoint_every=2", "train.keep_last=20",

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.distributed.test_faults import _children, _env, _losses
-from tests.distributed.test_train_cli import OVERRIDES
+from tests.train.test_trainer_kill import _children, _env, _losses
+from tests.train.test_main import OVERRIDES
 
 STEPS = 10
 KILL_OVERRIDES = [o for o in OVERRIDES if not o.startswith(("train.max_steps", "train.checkpoint_every"))] + [

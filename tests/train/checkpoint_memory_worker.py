@@ -1,4 +1,4 @@
-"""torchrun worker for tests/distributed/test_checkpoint_memory.py: per-rank memory and bytes read
+"""torchrun worker for tests/train/test_checkpoint_memory.py: per-rank memory and bytes read
 of a checkpoint save, an async save and a resume (``train.checkpoint``), measured from /proc.
 
     python -m torch.distributed.run --standalone --nproc_per_node=4 checkpoint_memory_worker.py OUT.json LAYOUT

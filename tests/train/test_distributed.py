@@ -131,7 +131,7 @@ def test_random_length_rounds_to_a_multiple():
 
 @pytest.mark.slow
 def test_tp2_sequence_parallel_trains_random_length_steps(tmp_path, embedded_shards):
-    from tests.distributed.test_train_cli import OVERRIDES
+    from tests.train.test_main import OVERRIDES
 
     out = tmp_path / "tp2sp"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")

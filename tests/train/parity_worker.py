@@ -1,4 +1,4 @@
-"""torchrun worker for the layout parity suite (launched by tests/distributed/test_parity.py).
+"""torchrun worker for the layout parity suite (launched by tests/train/test_parallel_engine.py).
 
     python -m torch.distributed.run --standalone --nproc_per_node=N parity_worker.py OUT.json CASE [CASE ...]
 

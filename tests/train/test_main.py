@@ -1,6 +1,6 @@
 """`python -m train` under torchrun: TP2 and PP2 runs of the real CLI reproduce the single-process
 losses and grad norms (fp32, relative 5e-5 after 4 steps), including steps trained on a random
-prefix length. The engine-level parity suite (test_parity.py) holds the 1e-5 bound."""
+prefix length. The engine-level parity suite (test_parallel_engine.py) holds the 1e-5 bound."""
 
 from __future__ import annotations
 

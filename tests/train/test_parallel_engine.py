@@ -53,7 +53,7 @@ EIGHT_RANKS = ["tp2_pp2_z1"]  # TP2×PP2×DP2
 
 
 def launch_worker(worker: str, nproc: int, cases: list[str], tmp_path, env_extra: dict | None = None) -> dict:
-    """Run ``tests/distributed/<worker>`` under torchrun with ``nproc`` ranks; return its JSON."""
+    """Run ``tests/train/<worker>`` under torchrun with ``nproc`` ranks; return its JSON."""
     out = tmp_path / f"{worker.removesuffix('_worker.py')}{nproc}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **(env_extra or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.test_parity import launch_worker
+from tests.train.test_parallel_engine import launch_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REL_TOL, WEIGHT_TOL, STATE_TOL = 1e-5, 1e-5, 1e-4

@@ -1,4 +1,4 @@
-"""torchrun worker for the guard suite (launched by tests/distributed/test_guards.py).
+"""torchrun worker for the guard suite (launched by tests/train/test_guards_multirank.py).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 guard_worker.py OUT.json SHARDS RUN_ROOT CASE [CASE ...]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.distributed.test_faults import _children, _losses
-from tests.distributed.test_train_cli import OVERRIDES
+from tests.train.test_trainer_kill import _children, _losses
+from tests.train.test_main import OVERRIDES
 
 TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
 BASE = [o for o in OVERRIDES if not o.startswith("train.max_steps")]

@@ -1,6 +1,6 @@
 """torchrun worker: a rank that stops taking part in collectives makes the others fail with the
 trainer's message after ``train.collective_timeout_s`` instead of hanging
-(launched by tests/distributed/test_guards.py).
+(launched by tests/train/test_guards_multirank.py).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 timeout_worker.py OUT.json SHARDS RUN_DIR
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.test_parity import launch_worker
+from tests.train.test_parallel_engine import launch_worker
 
 SLACK = 256 << 20
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.llada import build_model
 from model.config import ModelConfig
-from tests.distributed.test_gpu_path import world_of_one  # noqa: F401 (a fixture, used by tp1_world)
+from tests.train.test_distributed import world_of_one  # noqa: F401 (a fixture, used by tp1_world)
 from train.layout import ParallelConfig, ParallelLayout
 from train.parallelize import NO_CLIP, deepspeed_config, drawn_full_tensor, full_shape, shard_of
 
@@ -56,7 +56,7 @@ def test_deepspeed_config_matches_layout():
 def tp1_world(request):
     from megatron.core import parallel_state as ps
 
-    request.getfixturevalue("world_of_one")  # a gloo world of one process (test_gpu_path's fixture)
+    request.getfixturevalue("world_of_one")  # a gloo world of one process (test_distributed's fixture)
 
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
