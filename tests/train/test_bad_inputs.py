@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -189,23 +187,16 @@ def test_resuming_past_max_steps_is_an_error_and_at_max_steps_a_no_op(run, embed
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder(embedded_shards, tmp_path, capsys):
+    from tests.train.test_runlock import lock_held_elsewhere
+
     out = tmp_path / "busy"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from train.runlock import RunLock; RunLock(sys.argv[1]); "
-         "print('locked', flush=True); time.sleep(600)", str(out)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         capsys.readouterr()
         assert main(_argv(out, embedded_shards)) == 2
         line = _last_line(capsys.readouterr().err)
         assert line.startswith(f"error: train.out_dir {out} is in use by another run (pid {holder.pid} on "), line
         assert "train.runlock" in line and line.endswith("or choose another train.out_dir")
         assert not (out / "checkpoints").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(_argv(out, embedded_shards)) == 0  # the kernel dropped the dead holder's lock
 
 

@@ -3,6 +3,7 @@ in test_bad_inputs.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from tests.conftest import REPO
 from train.runlock import RunFolderBusy, RunLock
 
 
-def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def lock_held_elsewhere(out):
+    """Another process holds ``out``'s run lock inside the block (killed at its end); yields it."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from train.runlock import RunLock; RunLock(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(600)", str(out)],
@@ -22,11 +24,17 @@ def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_p
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFolderBusy, match=f"in use by another run \\(pid {holder.pid} on "):
-            RunLock(out)
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
+    out = tmp_path / "run"
+    with lock_held_elsewhere(out) as holder:
+        with pytest.raises(RunFolderBusy, match=f"in use by another run \\(pid {holder.pid} on "):
+            RunLock(out)
     RunLock(out).release()  # the kernel dropped the dead holder's lock: no stale lock to clean up
 
 
