@@ -26,6 +26,18 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY, **overrides})
 
 
+SPLITTABLE = dict(
+    n_layers=4, n_kv_heads=2, vocab_size=128, embedding_size=128, max_sequence_length=32,
+    mask_token_id=127, eos_token_id=126, pad_token_id=126, bos_token_id=125,
+)
+
+
+def splittable_config(**overrides) -> ModelConfig:
+    """The tiny model with 4 layers and GQA (2 key/value heads): a shape every TP and PP split of
+    up to 4 ranks can cut (layout validation and the parallel builder's unit tests)."""
+    return tiny_model_config(**{**SPLITTABLE, **overrides})
+
+
 def tiny_model(seed: int = 0, **overrides):
     """A freshly initialised tiny LLaDA model (``model.llada.build_model``) in train mode on CPU."""
     from model.llada import build_model

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from model.config import ModelConfig
 from model.likelihood import (
     exact_loglikelihood,
     fixed_noise_bound,
@@ -15,14 +14,14 @@ from model.likelihood import (
 )
 from model.objective import draw_noise, forward_process, masked_token_losses, row_weights, weighted_loss
 from model.llada import build_model
+from tests.tiny import tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(
-        d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=64, vocab_size=50,
-        embedding_size=64, max_sequence_length=64, mask_token_id=2, eos_token_id=1,
-        pad_token_id=1, bos_token_id=0, init_std=0.5,  # a peaked model: masks matter
+    cfg = tiny_model_config(
+        d_model=32, mlp_hidden_size=64, vocab_size=50, embedding_size=64, max_sequence_length=64,
+        init_std=0.5,  # a peaked model: masks matter
     )
     return build_model(cfg, seed=0).eval()
 

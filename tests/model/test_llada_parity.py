@@ -9,17 +9,16 @@ from model.config import ModelConfig
 from model.llada import build_model
 from model.sampling import generate
 from tests.model import llada_reference as ref
+from tests.tiny import tiny_model_config
 
 BOS, EOS, MASK, EOT = 0, 1, 2, 3
 VOCAB, EMBED = 40, 48  # ids 40..47 are embedding padding rows
 
 
 def tiny_config(**kw) -> ModelConfig:
-    values = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=64, vocab_size=VOCAB,
-                  embedding_size=EMBED, max_sequence_length=128, mask_token_id=MASK, eos_token_id=EOS,
-                  pad_token_id=EOS, bos_token_id=BOS, init_std=0.3)
-    values.update(kw)
-    return ModelConfig(**values)
+    values = dict(d_model=32, mlp_hidden_size=64, vocab_size=VOCAB, embedding_size=EMBED, mask_token_id=MASK,
+                  eos_token_id=EOS, pad_token_id=EOS, bos_token_id=BOS, init_std=0.3)
+    return tiny_model_config(**{**values, **kw})
 
 
 PROMPTS = [[BOS, 5, 6, 7], [BOS, 8, 9, 10, 11, 12, 13], [BOS, 20], [BOS, 30, 31, 32, 33, 34]]

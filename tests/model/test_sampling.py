@@ -6,16 +6,16 @@ import torch
 from model.config import ModelConfig
 from model.llada import build_model
 from model.sampling import cut_at_stop_strings, generate, left_pad, num_transfer_tokens, positions_from_mask
+from tests.tiny import tiny_model_config
 
 MASK, EOS = 2, 1
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig(
-        d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=50,
-        embedding_size=64, max_sequence_length=128, mask_token_id=MASK, eos_token_id=EOS,
-        pad_token_id=EOS, bos_token_id=0, init_std=0.3,
+    cfg = tiny_model_config(
+        d_model=32, n_kv_heads=2, mlp_hidden_size=64, vocab_size=50, embedding_size=64,
+        mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS, init_std=0.3,
     )
     return build_model(cfg, seed=0).eval()
 

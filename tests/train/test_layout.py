@@ -7,16 +7,11 @@ from omegaconf import OmegaConf
 
 from model.config import ModelConfig
 from train.layout import ParallelConfig, ParallelLayout
+from tests.tiny import splittable_config
 
 
 def model(**overrides) -> ModelConfig:
-    values = dict(
-        d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=128, vocab_size=128,
-        embedding_size=128, max_sequence_length=32, mask_token_id=127, eos_token_id=126,
-        pad_token_id=126, bos_token_id=125,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
+    return splittable_config(**overrides)
 
 
 def layout(world=8, mbs=2, gbs=16, cfg=None, **parallel) -> ParallelLayout:

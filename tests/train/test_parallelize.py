@@ -13,14 +13,11 @@ from model.config import ModelConfig
 from tests.train.test_distributed import world_of_one  # noqa: F401 (a fixture, used by tp1_world)
 from train.layout import ParallelConfig, ParallelLayout
 from train.parallelize import NO_CLIP, deepspeed_config, drawn_full_tensor, full_shape, shard_of
+from tests.tiny import splittable_config
 
 
 def tiny_model() -> ModelConfig:
-    return ModelConfig(
-        d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=128, vocab_size=128,
-        embedding_size=128, max_sequence_length=32, mask_token_id=127, eos_token_id=126,
-        pad_token_id=126, bos_token_id=125,
-    )
+    return splittable_config()
 
 
 def test_drawn_full_tensors_equal_build_model_weights():
