@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # The lent GPU machines have Python 3.12 and torch 2.11 only, and no network: carry every other
 # wheel. deepspeed is an sdist (built here into a pure-Python wheel, ops JIT-built there).

@@ -167,13 +167,28 @@ def masked_token_losses(
 ) -> torch.Tensor:
     """Per-sample ``Σ_{masked i} CE(logits_i, targets_i) / p_mask`` in fp32, shape ``[B]``.
 
-    ``logits`` is ``[B, S, V]`` (or ``[B, S, V/tp]`` with a vocab-parallel ``cross_entropy``).
+    ``logits`` is ``[B, S, V]`` (or ``[B, S, V/tp]`` with a vocab-parallel ``cross_entropy``), or
+    only the masked positions' ``[n, V]`` in ``masked``'s row-major order (what
+    :func:`masked_logits` returns: the head computed at the masked positions alone).
     Cross-entropy is computed only at masked positions (about half of them), never with a shift.
     """
     rows = masked.nonzero(as_tuple=True)[0]
-    ce = cross_entropy(logits[masked].float(), targets[masked])
+    if logits.dim() == masked.dim() + 1:
+        logits = logits[masked]
+    ce = cross_entropy(logits.float(), targets[masked])
     per_sample = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
     return per_sample.index_add(0, rows, ce / p_mask[rows].float())
+
+
+def masked_logits(model, input_ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """The logits at the masked positions only, ``[n, V]`` in ``masked``'s row-major order: the
+    model's hidden states at every position, its output head at the masked ones. The loss needs
+    nothing else, and the head (``d × V`` per position) with its log-softmax is the largest
+    per-token cost of a small model (BENCHMARKS.md, "Output head at the masked positions only").
+    ``model`` has ``hidden_states(input_ids)`` and ``head(x)`` (``model.llada.LLaDAModel``).
+    The single-process engine's loss; the parallel engine still computes the vocab-parallel
+    head at every position."""
+    return model.head(model.hidden_states(input_ids)[masked])
 
 
 def weighted_loss(per_sample: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:

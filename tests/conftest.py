@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory, embedded_shards) -> Path:
     """A run directory of the tiny model trained for a few steps on the embedded corpus."""
     out = tmp_path_factory.mktemp("tiny_run")
     run_module([
-        "-m", "train", str(REPO / "configs" / "demo.yaml"),
+        "-m", "train", str(REPO / "configs" / "demo.yaml"), "model=configs/model/tiny.yaml",
         f"train.out_dir={out}", "train.max_steps=20", "train.checkpoint_every=0",
         f"data.sources=[{{path: {embedded_shards}}}]", "logging.wandb=disabled",
         "logging.progress_bar=false", "eval.every=0",

@@ -6,8 +6,8 @@ vocabulary 256) that unit tests build; pass overrides for the one field a test i
 a seed. tests/conftest.py turns both into fixtures (``tiny_config``, ``tiny_model``).
 
 Tests that need a *different* shape on purpose keep their own: the parity workers' 4-layer model
-(tests/train/parity_worker.py, every layout must split it), the demo's configs/model/tiny.yaml
-(when a test compares against a ``python -m train`` run), LLaDA-8B (planner and memory tests).
+(tests/train/parity_worker.py, every layout must split it), configs/model/tiny.yaml
+(when a test compares against a ``python -m train`` run, named on its command line), LLaDA-8B (planner and memory tests).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 1. prepare the embedded corpus (Python's own sources and docs) into token shards, training a
    small byte-level BPE tokenizer on the way;
-2. train the tiny LLaDA of ``configs/demo.yaml`` (1,000 steps), evaluating the bound on the
-   validation split (5 % of the documents) at the start, every 250 steps and at the end;
+2. train the one-block tiny LLaDA of ``configs/demo.yaml`` (3,300 steps), evaluating the bound on
+   the validation split (5 % of the documents) at the start, every 550 steps and at the end;
 3. draw the run's curves with ``tools.plot`` into ``RUN_DIR/plots``;
 4. export the final checkpoint to Hugging Face format (LLaDA's layout, remote code included);
 5. sample text from the export with LLaDA's reverse process;

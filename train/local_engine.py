@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn as nn
 
-from model.objective import masked_token_losses, weighted_loss
+from model.objective import masked_logits, masked_token_losses, weighted_loss
 from train.engine import MicroBatch, StepOutput
 from train.device import to_device
 
@@ -36,7 +36,7 @@ def autocast_context(device: torch.device, precision: str):
 
 def micro_batch_loss(model: nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(weighted loss, per-row masked CE sums)`` of one micro-batch."""
-    logits = model(mb.input_ids)
+    logits = masked_logits(model, mb.input_ids, mb.masked)
     per_sample = masked_token_losses(logits, mb.targets, mb.masked, mb.p_mask)
     return weighted_loss(per_sample, mb.row_weight), per_sample
 

@@ -63,7 +63,8 @@ def test_training_loss_and_length_follow_llada(sft_dir, tmp_path):
     that batch computed by the reference on the same initial model and the same noise."""
     out = tmp_path / "run"
     run_module([
-        "-m", "train", str(REPO / "configs" / "demo.yaml"), f"train.out_dir={out}", "train.max_steps=3",
+        "-m", "train", str(REPO / "configs" / "demo.yaml"), "model=configs/model/tiny.yaml", f"train.out_dir={out}",
+        "train.max_steps=3",
         "train.objective=sft", f"train.seq_len={SEQ_LEN}", f"train.global_batch_size={GBS}",
         "train.micro_batch_size=2", "train.checkpoint_every=0", f"data.sources=[{{path: {sft_dir}}}]",
         "data.validation_fraction=0.0", "logging.wandb=disabled", "logging.progress_bar=false",

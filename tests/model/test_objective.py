@@ -9,6 +9,7 @@ from model.objective import (
     Noise,
     draw_noise,
     forward_process,
+    masked_logits,
     masked_token_losses,
     random_length,
     row_weights,
@@ -42,6 +43,19 @@ def test_loss_equals_direct_transcription_of_llada_formula():
     per_sample = masked_token_losses(model(noisy), input_ids, masked, noise.p_mask)
     ours = weighted_loss(per_sample, row_weights(b, seq_len, b))
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
+    # what training runs (train.local_engine): the head at the masked positions only
+    gathered = masked_logits(model, noisy, masked)
+    assert gathered.shape == (int(masked.sum()), model.config.embedding_size)
+    head_only_at_masked = weighted_loss(masked_token_losses(gathered, input_ids, masked, noise.p_mask), row_weights(b, seq_len, b))
+    torch.testing.assert_close(head_only_at_masked, reference, atol=1e-6, rtol=1e-6)
+    # and its gradients are those of the full head's loss
+    model.zero_grad()
+    reference.backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    head_only_at_masked.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_masked_fraction_follows_t():

@@ -76,7 +76,7 @@ def test_model_file_replaces_rather_than_merges(tmp_path):
     small.write_text("d_model: 64\nn_heads: 4\nn_kv_heads: 4\nmlp_hidden_size: 128\nvocab_size: 4096\n"
                      "embedding_size: 4096\nmask_token_id: 2\neos_token_id: 1\npad_token_id: 1\nbos_token_id: 0\n")
     cfg = load_config(DEMO, [f"model={small}"], check_paths=False)
-    # n_layers and max_sequence_length come from the schema, not from the demo's tiny.yaml
+    # n_layers and max_sequence_length come from the schema, not from the demo's model file
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.max_sequence_length) == (64, 32, 4096)
 
 

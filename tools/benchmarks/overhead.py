@@ -9,7 +9,8 @@ micro-batch split and the same masked-diffusion loss (``Σ_masked CE / p_mask``,
   losses and grad norm, the loss-by-t buckets and the step's metrics). The data loader is replaced
   by the in-memory batches both sides share (a Trainer is built without ``__init__``; see
   ``difftron_trainer``), so loader cost is not part of the ratio;
-- **plain**: a hand-written loop: ``torch.rand`` noise, ``torch.where`` masking, forward,
+- **plain**: a hand-written loop: ``torch.rand`` noise, ``torch.where`` masking, forward (the head
+  at the masked positions only, like the single-process engine),
   cross-entropy at masked positions, backward per micro-batch, ``clip_grad_norm_``, ``step``,
   ``zero_grad``, ``loss.item()``.
 
@@ -121,9 +122,10 @@ class PlainLoop:
         total = 0.0
         for lo in range(0, g, self.args.micro_batch):
             sl = slice(lo, lo + self.args.micro_batch)
-            logits = self.model(noisy[sl])
             m = masked[sl]
-            ce = F.cross_entropy(logits[m], ids[sl][m], reduction="none")
+            # the head at the masked positions only, as the engines' loss (model.objective.masked_logits)
+            logits = self.model.head(self.model.hidden_states(noisy[sl])[m])
+            ce = F.cross_entropy(logits, ids[sl][m], reduction="none")
             rows = m.nonzero(as_tuple=True)[0]
             loss = (ce / p_mask[sl][rows]).sum() / (g * s)
             loss.backward()
