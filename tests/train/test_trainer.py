@@ -90,7 +90,7 @@ def test_demo_loss_falls_clearly(tmp_path, embedded_shards):
     cfg = load_config(DEMO, [
         f"train.out_dir={tmp_path}", f"data.sources=[{{path: {embedded_shards}}}]",
         "logging.wandb=disabled", "logging.progress_bar=false", "eval.every=0", "train.checkpoint_every=0",
-        # the demo's model at 400 steps (the demo itself trains 1,800: tests/tools/test_demo.py)
+        # the demo's model at 400 steps (the demo itself trains 3,300: tests/tools/test_demo.py)
         "train.max_steps=400", "train.warmup_steps=20", "train.decay_steps=80", "train.final_lr=3e-4",
     ])
     history = Trainer(cfg).fit()
