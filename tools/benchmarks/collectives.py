@@ -73,36 +73,31 @@ def _n_copies(a, k) -> int:  # gather(tensor, gather_list, dst, group) / scatter
     return _nbytes(_arg(a, k, 0, "tensor")) * dist.get_world_size(_arg(a, k, 3, "group"))
 
 
-COLLECTIVES: dict[str, tuple[str, Callable]] = {
-    "all_reduce": (_RING2, _tensor(0, "tensor")),
-    "all_reduce_coalesced": (_RING2, _tensors(0, "tensors")),
-    "reduce": (_RING1, _tensor(0, "tensor")),
-    "reduce_scatter": (_RING1, _tensors(1, "input_list")),
-    "reduce_scatter_tensor": (_RING1, _tensor(1, "input")),
-    "reduce_scatter_single": (_RING1, _tensor(1, "input")),
-    "_reduce_scatter_base": (_RING1, _tensor(1, "input")),
-    "all_gather": (_RING1, _all_gather_list),
-    "all_gather_into_tensor": (_RING1, _tensor(0, "output_tensor")),
-    "all_gather_single": (_RING1, _tensor(0, "output_tensor")),
-    "_all_gather_base": (_RING1, _tensor(0, "output_tensor")),
-    "all_gather_coalesced": (_RING1, lambda a, k: sum(_sum(ts) for ts in (_arg(a, k, 0, "output_tensor_lists") or []))),
-    "broadcast": (_RING1, _tensor(0, "tensor")),
-    "gather": (_RING1, _n_copies),
-    "scatter": (_RING1, _n_copies),
-    "all_to_all": (_RING1, _tensors(1, "input_tensor_list")),
-    "all_to_all_single": (_RING1, _tensor(1, "input")),
-    "send": (_P2P, _tensor(0, "tensor")),
-    "isend": (_P2P, _tensor(0, "tensor")),
-    "recv": (_RECV, _tensor(0, "tensor")),
-    "irecv": (_RECV, _tensor(0, "tensor")),
-    "barrier": (_RING1, lambda a, k: 0),
-}
-# the group argument's position per name (default: keyword "group" or the last positional slot)
-_GROUP_POS = {
-    "all_reduce": 2, "all_reduce_coalesced": 2, "reduce": 3, "reduce_scatter": 3, "reduce_scatter_tensor": 3,
-    "reduce_scatter_single": 3, "_reduce_scatter_base": 3, "all_gather": 2, "all_gather_into_tensor": 2,
-    "all_gather_single": 2, "_all_gather_base": 2, "all_gather_coalesced": 2, "broadcast": 2, "gather": 3,
-    "scatter": 3, "all_to_all": 2, "all_to_all_single": 4, "send": 2, "isend": 2, "recv": 2, "irecv": 2, "barrier": 0,
+# name: (traffic kind, payload in bytes from (args, kwargs), the group argument's positional slot;
+# keyword "group" wins)
+COLLECTIVES: dict[str, tuple[str, Callable, int]] = {
+    "all_reduce": (_RING2, _tensor(0, "tensor"), 2),
+    "all_reduce_coalesced": (_RING2, _tensors(0, "tensors"), 2),
+    "reduce": (_RING1, _tensor(0, "tensor"), 3),
+    "reduce_scatter": (_RING1, _tensors(1, "input_list"), 3),
+    "reduce_scatter_tensor": (_RING1, _tensor(1, "input"), 3),
+    "reduce_scatter_single": (_RING1, _tensor(1, "input"), 3),
+    "_reduce_scatter_base": (_RING1, _tensor(1, "input"), 3),
+    "all_gather": (_RING1, _all_gather_list, 2),
+    "all_gather_into_tensor": (_RING1, _tensor(0, "output_tensor"), 2),
+    "all_gather_single": (_RING1, _tensor(0, "output_tensor"), 2),
+    "_all_gather_base": (_RING1, _tensor(0, "output_tensor"), 2),
+    "all_gather_coalesced": (_RING1, lambda a, k: sum(_sum(ts) for ts in (_arg(a, k, 0, "output_tensor_lists") or [])), 2),
+    "broadcast": (_RING1, _tensor(0, "tensor"), 2),
+    "gather": (_RING1, _n_copies, 3),
+    "scatter": (_RING1, _n_copies, 3),
+    "all_to_all": (_RING1, _tensors(1, "input_tensor_list"), 2),
+    "all_to_all_single": (_RING1, _tensor(1, "input"), 4),
+    "send": (_P2P, _tensor(0, "tensor"), 2),
+    "isend": (_P2P, _tensor(0, "tensor"), 2),
+    "recv": (_RECV, _tensor(0, "tensor"), 2),
+    "irecv": (_RECV, _tensor(0, "tensor"), 2),
+    "barrier": (_RING1, lambda a, k: 0, 0),
 }
 # the public name each alias is reported under
 CANONICAL = {
@@ -220,8 +215,7 @@ class CollectiveCounter:
         return "other"
 
     def _wrap(self, name: str, fn):
-        kind, payload_of = COLLECTIVES[name]
-        pos = _GROUP_POS[name]
+        kind, payload_of, pos = COLLECTIVES[name]
         counter = self
 
         def wrapper(*args, **kwargs):
