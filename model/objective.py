@@ -184,7 +184,7 @@ def masked_logits(model, input_ids: torch.Tensor, masked: torch.Tensor) -> torch
     """The logits at the masked positions only, ``[n, V]`` in ``masked``'s row-major order: the
     model's hidden states at every position, its output head at the masked ones. The loss needs
     nothing else, and the head (``d × V`` per position) with its log-softmax is the largest
-    per-token cost of a small model (BENCHMARKS.md, "Output head at the masked positions only").
+    per-token cost of a small model (docs/demo.md, "The output head at the masked positions only").
     ``model`` has ``hidden_states(input_ids)`` and ``head(x)`` (``model.llada.LLaDAModel``).
     The single-process engine's loss; the parallel engine still computes the vocab-parallel
     head at every position."""
